@@ -1,0 +1,564 @@
+"""The DeepSeek V4 network, top to bottom, in the checkpoint's own vocabulary.
+
+Shape legend: T tokens of a step (all sequences of a batch, flattened), S tokens of one sequence,
+n residual streams (hc_mult), D model dim, H heads, hd head dim, R rope dims, N compressed entries,
+E experts, K experts per token, C compressor channels.
+
+Every step takes a flat batch (`Batch`: token ids, absolute positions, one segment per sequence) and
+one `SeqState` per sequence. Dense work (projections, MoE) runs on all T tokens at once; attention
+and the compressors run per sequence against that sequence's state, so one prefill, a prefill cut
+into chunks of any size, decode steps, and prefill after decode all compute the same thing.
+
+Weights come from a `source` (a `Checkpoint`, or an initializer for training) by official name;
+routed experts come from an expert provider the MoE asks for "experts [ids]". Numerics: `exact`
+computes what transformers computes; `released` adds the official code's FP8 rounding of KV entries
+and the Hadamard-rotated FP4 rounding of the indexer path.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops
+from .config import ModelConfig
+from .quant import Dense, Weight, hadamard, simulate_fp4, simulate_fp8
+
+
+class WeightSource(Protocol):
+    def tensor(self, name: str) -> torch.Tensor: ...
+    def weight(self, prefix: str, dtype: torch.dtype) -> Weight: ...
+
+
+@dataclass(frozen=True)
+class Numerics:
+    dtype: torch.dtype = torch.bfloat16
+    released: bool = False  # as-released roundings (FP8 KV, Hadamard + FP4 indexer)
+
+
+# ---------------------------------------------------------------- state
+
+
+@dataclass
+class CompressorState:
+    """One compressor's unfinished window and its emitted entries."""
+
+    kv: torch.Tensor  # [<ratio, C] fp32 rows of the open window
+    gate: torch.Tensor  # [<ratio, C] fp32, ape already added
+    entries: torch.Tensor  # [N, hd] compressed entries so far
+    prev_kv: torch.Tensor | None = None  # CSA: the last closed window's Ca half [ratio, C/2]
+    prev_gate: torch.Tensor | None = None
+
+
+@dataclass
+class LayerState:
+    window: torch.Tensor  # [<=window-1, hd] the latest K=V entries
+    comp: CompressorState | None = None
+    index: CompressorState | None = None
+
+
+@dataclass
+class SeqState:
+    """Everything a sequence needs to continue: per-layer KV state and its length."""
+
+    layers: list[LayerState]
+    mtp: list[LayerState] = field(default_factory=list)
+    pos: int = 0
+
+    def nbytes(self) -> int:
+        total = 0
+        for ls in self.layers + self.mtp:
+            for t in _state_tensors(ls):
+                total += t.numel() * t.element_size()
+        return total
+
+
+def _state_tensors(ls: LayerState):
+    yield ls.window
+    for c in (ls.comp, ls.index):
+        if c is not None:
+            yield from (t for t in (c.kv, c.gate, c.entries, c.prev_kv, c.prev_gate) if t is not None)
+
+
+@dataclass
+class Batch:
+    """One step's tokens, flattened over sequences."""
+
+    tokens: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64 absolute positions
+    segments: list[tuple[int, int]]  # [start, end) of each sequence in T
+    rope: dict[str, tuple[torch.Tensor, torch.Tensor]]  # "main" / "compress" -> cos, sin [T, R/2]
+
+
+# ---------------------------------------------------------------- rope
+
+
+class Rope:
+    """Interleaved RoPE frequencies; YaRN-scaled when original_seq_len > 0 (no attention scaling)."""
+
+    def __init__(self, dim: int, theta: float, factor: float = 1.0, original_seq_len: int = 0,
+                 beta_fast: float = 32.0, beta_slow: float = 1.0):  # fmt: skip
+        inv = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+        if original_seq_len > 0:
+            def corr(rot: float) -> float:
+                return dim * math.log(original_seq_len / (rot * 2 * math.pi)) / (2 * math.log(theta))
+
+            lo, hi = max(math.floor(corr(beta_fast)), 0), min(math.ceil(corr(beta_slow)), dim - 1)
+            ramp = ((torch.arange(dim // 2, dtype=torch.float32) - lo) / max(hi - lo, 0.001)).clamp(0, 1)
+            inv = inv / factor * ramp + inv * (1 - ramp)
+        self.inv_freq = inv
+
+    def __call__(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.float()[:, None] * self.inv_freq.to(positions.device)[None]
+        return freqs.cos(), freqs.sin()
+
+
+# ---------------------------------------------------------------- building blocks
+
+
+class Linear(nn.Module):
+    """A matmul weight in any format; dense weights are Parameters (trainable), others packed."""
+
+    def __init__(self, w: Weight):
+        super().__init__()
+        self.packed = None if isinstance(w, Dense) else w
+        self.weight = nn.Parameter(w.weight, requires_grad=False) if isinstance(w, Dense) else None
+
+    @property
+    def w(self) -> Weight:
+        return self.packed if self.packed is not None else Dense(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.linear(x, self.w)
+
+
+def _param(t: torch.Tensor, dtype: torch.dtype | None = None) -> nn.Parameter:
+    return nn.Parameter(t.to(dtype) if dtype is not None else t, requires_grad=False)
+
+
+class HyperConnection(nn.Module):
+    """mHC around one sub-block: collapse n streams into the block input, expand the output back."""
+
+    def __init__(self, cfg: ModelConfig, src: WeightSource, prefix: str):
+        super().__init__()
+        self.fn = _param(src.tensor(f"{prefix}_fn"), torch.float32)  # [(2+n)*n, n*D]
+        self.base = _param(src.tensor(f"{prefix}_base"), torch.float32)
+        self.scale = _param(src.tensor(f"{prefix}_scale"), torch.float32)
+        self.n, self.iters, self.eps, self.norm_eps = cfg.hc_mult, cfg.hc_sinkhorn_iters, cfg.hc_eps, cfg.norm_eps
+
+    def pre(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """h [T, n, D] -> block input [T, D], post [T, n], comb [T, n, n] (fp32)."""
+        n, eps = self.n, self.eps
+        flat = h.flatten(1).float()
+        mixes = F.linear(flat, self.fn) * torch.rsqrt(flat.square().mean(-1, keepdim=True) + self.norm_eps)
+        pre = torch.sigmoid(mixes[:, :n] * self.scale[0] + self.base[:n]) + eps
+        post = 2 * torch.sigmoid(mixes[:, n : 2 * n] * self.scale[1] + self.base[n : 2 * n])
+        comb = mixes[:, 2 * n :].view(-1, n, n) * self.scale[2] + self.base[2 * n :].view(n, n)
+        comb = torch.softmax(comb, dim=-1) + eps
+        comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)  # Sinkhorn: columns, then rows/columns
+        for _ in range(self.iters - 1):
+            comb = comb / (comb.sum(dim=-1, keepdim=True) + eps)
+            comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)
+        x = (pre.unsqueeze(-1) * h.float()).sum(dim=1)
+        return x.to(h.dtype), post, comb
+
+    @staticmethod
+    def post(out: torch.Tensor, h: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+        """New stream k = post_k * out + sum_j comb[j, k] * h_j."""
+        mixed = torch.einsum("tjk,tjd->tkd", comb, h.float())
+        return (post.unsqueeze(-1) * out.float().unsqueeze(1) + mixed).to(h.dtype)
+
+
+class HyperHead(nn.Module):
+    """Collapse the n streams for the head: sigmoid pre-weights only, no Sinkhorn."""
+
+    def __init__(self, cfg: ModelConfig, src: WeightSource, prefix: str):
+        super().__init__()
+        self.fn = _param(src.tensor(f"{prefix}hc_head_fn"), torch.float32)
+        self.base = _param(src.tensor(f"{prefix}hc_head_base"), torch.float32)
+        self.scale = _param(src.tensor(f"{prefix}hc_head_scale"), torch.float32)
+        self.eps, self.norm_eps = cfg.hc_eps, cfg.norm_eps
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        flat = h.flatten(1).float()
+        mixes = F.linear(flat, self.fn) * torch.rsqrt(flat.square().mean(-1, keepdim=True) + self.norm_eps)
+        pre = torch.sigmoid(mixes * self.scale + self.base) + self.eps
+        return (pre.unsqueeze(-1) * h.float()).sum(dim=1).to(h.dtype)
+
+
+class Compressor(nn.Module):
+    """Gated pooling of `ratio` tokens into one KV entry (HCA), or with CSA's overlap of the previous
+    window's Ca half (2*ratio slots). `rotate` marks the indexer's compressor (Hadamard + FP4 when
+    as-released); otherwise as-released rounds the entry's non-RoPE dims through FP8."""
+
+    def __init__(self, cfg: ModelConfig, src: WeightSource, prefix: str, ratio: int, head_dim: int,
+                 overlap: bool, rotate: bool, numerics: Numerics):  # fmt: skip
+        super().__init__()
+        self.wkv = _param(src.tensor(f"{prefix}.wkv.weight"), torch.float32)  # [C, D], C = (1+overlap)*hd
+        self.wgate = _param(src.tensor(f"{prefix}.wgate.weight"), torch.float32)
+        self.ape = _param(src.tensor(f"{prefix}.ape"), torch.float32)  # [ratio, C]
+        self.norm = _param(src.tensor(f"{prefix}.norm.weight"), torch.float32)
+        self.ratio, self.hd, self.overlap, self.rotate = ratio, head_dim, overlap, rotate
+        self.rd, self.eps, self.numerics = cfg.rope_head_dim, cfg.norm_eps, numerics
+
+    def new_state(self, device) -> CompressorState:
+        c = self.wkv.shape[0]
+        empty = torch.zeros(0, c, device=device)
+        return CompressorState(empty, empty, torch.zeros(0, self.hd, device=device, dtype=self.numerics.dtype))
+
+    def project(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, D] -> kv, gate [T, C] in fp32 (the official code compresses in fp32)."""
+        xf = x.float()
+        return F.linear(xf, self.wkv), F.linear(xf, self.wgate) + self.ape[positions % self.ratio]
+
+    def update(self, st: CompressorState, kv: torch.Tensor, gate: torch.Tensor, rope: Rope) -> torch.Tensor:
+        """Add one sequence's new rows; emit an entry per closed window; return all entries [N, hd]."""
+        r, d = self.ratio, self.hd
+        kv, gate = torch.cat([st.kv, kv]), torch.cat([st.gate, gate])
+        n_new = kv.shape[0] // r
+        st.kv, st.gate = kv[n_new * r :], gate[n_new * r :]
+        if n_new == 0:
+            return st.entries
+        kv, gate = kv[: n_new * r].view(n_new, r, -1), gate[: n_new * r].view(n_new, r, -1)
+        if self.overlap:  # slots: previous window's Ca (first d channels), then this window's Cb
+            prev_kv = st.prev_kv if st.prev_kv is not None else kv.new_zeros(r, d)
+            prev_gate = st.prev_gate if st.prev_gate is not None else gate.new_full((r, d), float("-inf"))
+            ca_kv = torch.cat([prev_kv[None], kv[:-1, :, :d]])
+            ca_gate = torch.cat([prev_gate[None], gate[:-1, :, :d]])
+            st.prev_kv, st.prev_gate = kv[-1, :, :d], gate[-1, :, :d]
+            kv, gate = torch.cat([ca_kv, kv[..., d:]], dim=1), torch.cat([ca_gate, gate[..., d:]], dim=1)
+        pooled = (kv * torch.softmax(gate, dim=1)).sum(dim=1).to(self.numerics.dtype)  # [n_new, hd]
+        pooled = ops.rms_norm(pooled, self.norm, self.eps)
+        first = st.entries.shape[0]
+        positions = torch.arange(first, first + n_new, device=pooled.device) * r
+        pooled = ops.rope(pooled, *rope(positions))
+        if self.numerics.released:
+            pooled = _round_indexer(pooled) if self.rotate else _round_kv(pooled, self.rd)
+        st.entries = torch.cat([st.entries, pooled])
+        return st.entries
+
+
+def _round_kv(kv: torch.Tensor, rd: int) -> torch.Tensor:
+    """As released: FP8-simulate the non-RoPE dims (block 64, ue8m0); RoPE dims keep full precision."""
+    return torch.cat([simulate_fp8(kv[..., :-rd], 64), kv[..., -rd:]], dim=-1)
+
+
+def _round_indexer(x: torch.Tensor) -> torch.Tensor:
+    """As released: Hadamard-rotate, then FP4-simulate (block 32) an indexer query or key."""
+    return simulate_fp4(hadamard(x), 32)
+
+
+class Indexer(nn.Module):
+    """CSA's lightning indexer: scores compressed entries per query and keeps the top `index_topk`."""
+
+    def __init__(self, cfg: ModelConfig, src: WeightSource, prefix: str, ratio: int, numerics: Numerics):
+        super().__init__()
+        self.wq_b = Linear(src.weight(f"{prefix}.wq_b", numerics.dtype))
+        self.weights_proj = _param(src.tensor(f"{prefix}.weights_proj.weight"), numerics.dtype)
+        self.compressor = Compressor(cfg, src, f"{prefix}.compressor", ratio, cfg.index_head_dim, True, True, numerics)
+        self.n_heads, self.hd, self.topk, self.ratio = cfg.index_n_heads, cfg.index_head_dim, cfg.index_topk, ratio
+        self.numerics = numerics
+
+    def queries(self, x: torch.Tensor, qr: torch.Tensor, cos_sin) -> tuple[torch.Tensor, torch.Tensor]:
+        """All tokens' indexer queries [T, Hi, hdi] and head weights [T, Hi] (fp32, scales folded in)."""
+        q = ops.rope(self.wq_b(qr).unflatten(-1, (self.n_heads, self.hd)), *cos_sin)
+        if self.numerics.released:
+            q = _round_indexer(q)
+        w = F.linear(x, self.weights_proj).float() * (self.hd**-0.5 * self.n_heads**-0.5)
+        return q, w
+
+    def select(self, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor):
+        """Top-k visible entries per query: indices [S, k] and their validity [S, k]."""
+        scores = torch.einsum("shd,nd->shn", q.float(), keys.float()).relu()
+        scores = (scores * w.unsqueeze(-1)).sum(dim=1)  # [S, N]
+        n_visible = (positions + 1) // self.ratio  # entry j is visible iff j < n_visible
+        visible = torch.arange(keys.shape[0], device=keys.device)[None] < n_visible[:, None]
+        k = min(self.topk, keys.shape[0])
+        idx = scores.masked_fill(~visible, float("-inf")).topk(k, dim=-1).indices
+        return idx, idx < n_visible[:, None]
+
+
+class Attention(nn.Module):
+    """Shared-KV attention: sliding window of `window_size` tokens, plus compressed entries (all visible
+    ones for HCA, the indexer's top-k for CSA), a sink per head, and the grouped output projection."""
+
+    def __init__(self, cfg: ModelConfig, src: WeightSource, p: str, ratio: int, csa: bool, numerics: Numerics):
+        super().__init__()
+        dt = numerics.dtype
+        self.wq_a = Linear(src.weight(f"{p}.wq_a", dt))
+        self.q_norm = _param(src.tensor(f"{p}.q_norm.weight"), torch.float32)
+        self.wq_b = Linear(src.weight(f"{p}.wq_b", dt))
+        self.wkv = Linear(src.weight(f"{p}.wkv", dt))
+        self.kv_norm = _param(src.tensor(f"{p}.kv_norm.weight"), torch.float32)
+        self.wo_a = Linear(src.weight(f"{p}.wo_a", dt))
+        self.wo_b = Linear(src.weight(f"{p}.wo_b", dt))
+        self.attn_sink = _param(src.tensor(f"{p}.attn_sink"), torch.float32)
+        self.compressor = (
+            Compressor(cfg, src, f"{p}.compressor", ratio, cfg.head_dim, csa, False, numerics) if ratio else None
+        )
+        self.indexer = Indexer(cfg, src, f"{p}.indexer", ratio, numerics) if ratio and csa else None
+        self.rope_kind = "compress" if ratio else "main"
+        self.n_heads, self.hd, self.rd, self.window = cfg.n_heads, cfg.head_dim, cfg.rope_head_dim, cfg.window_size
+        self.groups, self.eps, self.numerics, self.ratio = cfg.o_groups, cfg.norm_eps, numerics, ratio
+
+    def new_state(self, device) -> LayerState:
+        st = LayerState(torch.zeros(0, self.hd, device=device, dtype=self.numerics.dtype))
+        if self.compressor is not None:
+            st.comp = self.compressor.new_state(device)
+        if self.indexer is not None:
+            st.index = self.indexer.compressor.new_state(device)
+        return st
+
+    def forward(self, x: torch.Tensor, batch: Batch, states: list[LayerState], rope: Rope) -> torch.Tensor:
+        cos_sin = batch.rope[self.rope_kind]
+        qr = ops.rms_norm(self.wq_a(x), self.q_norm, self.eps)
+        q = ops.rms_norm(self.wq_b(qr).unflatten(-1, (self.n_heads, self.hd)), None, self.eps)
+        q = ops.rope(q, *cos_sin)  # [T, H, hd]
+        kv = ops.rope(ops.rms_norm(self.wkv(x), self.kv_norm, self.eps), *cos_sin)  # [T, hd]
+        if self.numerics.released:
+            kv = _round_kv(kv, self.rd)
+        comp = self.compressor.project(x, batch.positions) if self.compressor is not None else None
+        index = None
+        if self.indexer is not None:
+            index = (*self.indexer.queries(x, qr, cos_sin), *self.indexer.compressor.project(x, batch.positions))
+        outs = []
+        for (a, b), st in zip(batch.segments, states, strict=True):
+            seg = slice(a, b)
+            entries = self.compressor.update(st.comp, comp[0][seg], comp[1][seg], rope) if comp else None
+            sel = None
+            if index is not None:
+                keys = self.indexer.compressor.update(st.index, index[2][seg], index[3][seg], rope)
+                sel = (index[0][seg], index[1][seg], keys)
+            outs.append(self._attend(q[seg], kv[seg], batch.positions[seg], st, entries, sel))
+        o = ops.rope(torch.cat(outs), *cos_sin, inverse=True)  # undo the values' RoPE at the query position
+        o = ops.grouped_linear(o.flatten(1).unflatten(1, (self.groups, -1)), self.wo_a.w, self.groups)
+        return self.wo_b(o.flatten(1))
+
+    def _attend(self, q, kv, positions, st: LayerState, entries, sel, block: int = 128) -> torch.Tensor:
+        """One sequence: q [S, H, hd], new kv [S, hd] at `positions`; updates the window state."""
+        keys = torch.cat([st.window, kv])  # positions pos0 - len(window) ... pos0 + S - 1
+        first = int(positions[0]) - st.window.shape[0]
+        st.window = keys[-(self.window - 1) :] if self.window > 1 else keys[:0]
+        out = []
+        for i in range(0, q.shape[0], block):  # query blocks bound the score matrix to block x (block+window)
+            pos = positions[i : i + block]
+            lo = max(int(pos[0]) - self.window + 1 - first, 0)
+            hi = int(pos[-1]) + 1 - first
+            kpos = torch.arange(first + lo, first + hi, device=q.device)
+            diff = pos[:, None] - kpos[None]
+            valid = (diff >= 0) & (diff < self.window)
+            k = keys[lo:hi]
+            k_sel = valid_sel = None
+            if entries is not None and entries.shape[0] and sel is None:  # HCA: every visible entry
+                k = torch.cat([k, entries])
+                vis = torch.arange(entries.shape[0], device=q.device)[None] < ((pos + 1) // self.ratio)[:, None]
+                valid = torch.cat([valid, vis], dim=1)
+            elif entries is not None and entries.shape[0]:  # CSA: the indexer's choice
+                iq, iw, ikeys = sel
+                idx, valid_sel = self.indexer.select(iq[i : i + block], iw[i : i + block], ikeys, pos)
+                k_sel = entries[idx]
+            out.append(ops.sink_attention(q[i : i + block], k, valid, self.attn_sink, self.hd**-0.5, k_sel, valid_sel))
+        return torch.cat(out)
+
+
+class Expert(nn.Module):
+    def __init__(self, src: WeightSource, prefix: str, dtype: torch.dtype):
+        super().__init__()
+        self.w1 = Linear(src.weight(f"{prefix}.w1", dtype))
+        self.w2 = Linear(src.weight(f"{prefix}.w2", dtype))
+        self.w3 = Linear(src.weight(f"{prefix}.w3", dtype))
+
+    def weights(self) -> tuple[Weight, Weight, Weight]:
+        return self.w1.w, self.w2.w, self.w3.w
+
+
+class ResidentExperts(nn.Module):
+    """The simplest expert provider: every routed expert of a layer held in memory."""
+
+    def __init__(self, src: WeightSource, prefix: str, n: int, dtype: torch.dtype):
+        super().__init__()
+        self.experts = nn.ModuleList(Expert(src, f"{prefix}.{e}", dtype) for e in range(n))
+
+    def get(self, ids: list[int]) -> dict[int, tuple[Weight, Weight, Weight]]:
+        return {e: self.experts[e].weights() for e in ids}
+
+
+class MoE(nn.Module):
+    """Router (hash or sqrtsoftplus top-k with selection bias), routed experts and one shared expert."""
+
+    def __init__(self, cfg: ModelConfig, src: WeightSource, p: str, hashed: bool, numerics: Numerics, experts=None):
+        super().__init__()
+        self.gate = _param(src.tensor(f"{p}.gate.weight"), torch.float32)
+        self.tid2eid = src.tensor(f"{p}.gate.tid2eid").long() if hashed else None
+        self.bias = None if hashed else _param(src.tensor(f"{p}.gate.bias"), torch.float32)
+        self.shared = Expert(src, f"{p}.shared_experts", numerics.dtype)
+        self.experts = experts if experts is not None else ResidentExperts(src, f"{p}.experts", cfg.n_routed_experts, numerics.dtype)
+        self.k, self.score_func, self.route_scale, self.limit = (
+            cfg.n_activated_experts, cfg.score_func, cfg.route_scale, cfg.swiglu_limit)  # fmt: skip
+
+    def route(self, x: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Router weights [T, K] (fp32) and expert ids [T, K]."""
+        logits = F.linear(x.float(), self.gate)
+        if self.score_func == "softmax":
+            scores = logits.softmax(dim=-1)
+        elif self.score_func == "sigmoid":
+            scores = logits.sigmoid()
+        else:
+            scores = F.softplus(logits).sqrt()
+        if self.tid2eid is not None:
+            ids = self.tid2eid[tokens]
+        else:
+            ids = (scores + self.bias).topk(self.k, dim=-1).indices
+        weights = scores.gather(1, ids)
+        if self.score_func != "softmax":
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights * self.route_scale, ids
+
+    def forward(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        weights, ids = self.route(x, tokens)
+        y = ops.expert_mlp(x, *self.shared.weights(), self.limit).float()
+        used = torch.unique(ids).tolist()
+        for e, (w1, w2, w3) in self.experts.get(used).items():
+            rows, slot = torch.where(ids == e)
+            out = ops.expert_mlp(x[rows], w1, w2, w3, self.limit, weights[rows, slot, None])
+            y = y.index_add(0, rows, out.float())
+        return y.to(x.dtype)
+
+
+class Block(nn.Module):
+    """One layer (or the MTP block): mHC-wrapped attention, then mHC-wrapped MoE."""
+
+    def __init__(self, cfg: ModelConfig, src: WeightSource, p: str, ratio: int, csa: bool, hashed: bool,
+                 numerics: Numerics, experts=None):  # fmt: skip
+        super().__init__()
+        self.hc_attn = HyperConnection(cfg, src, f"{p}.hc_attn")
+        self.attn_norm = _param(src.tensor(f"{p}.attn_norm.weight"), torch.float32)
+        self.attn = Attention(cfg, src, f"{p}.attn", ratio, csa, numerics)
+        self.hc_ffn = HyperConnection(cfg, src, f"{p}.hc_ffn")
+        self.ffn_norm = _param(src.tensor(f"{p}.ffn_norm.weight"), torch.float32)
+        self.ffn = MoE(cfg, src, f"{p}.ffn", hashed, numerics, experts)
+        self.eps = cfg.norm_eps
+
+    def forward(self, h: torch.Tensor, batch: Batch, states: list[LayerState], rope: Rope) -> torch.Tensor:
+        x, post, comb = self.hc_attn.pre(h)
+        x = self.attn(ops.rms_norm(x, self.attn_norm, self.eps), batch, states, rope)
+        h = HyperConnection.post(x, h, post, comb)
+        x, post, comb = self.hc_ffn.pre(h)
+        x = self.ffn(ops.rms_norm(x, self.ffn_norm, self.eps), batch.tokens)
+        return HyperConnection.post(x, h, post, comb)
+
+
+class MTPBlock(nn.Module):
+    """Multi-token prediction: from the main model's last streams at t and the token at t+1, a block
+    of its own drafts the token at t+2. Shares `embed` and `head` with the main model."""
+
+    def __init__(self, cfg: ModelConfig, src: WeightSource, p: str, numerics: Numerics):
+        super().__init__()
+        dt = numerics.dtype
+        self.e_proj = Linear(src.weight(f"{p}.e_proj", dt))
+        self.h_proj = Linear(src.weight(f"{p}.h_proj", dt))
+        self.enorm = _param(src.tensor(f"{p}.enorm.weight"), torch.float32)
+        self.hnorm = _param(src.tensor(f"{p}.hnorm.weight"), torch.float32)
+        self.norm = _param(src.tensor(f"{p}.norm.weight"), torch.float32)
+        ratio = cfg.mtp_compress_ratio
+        self.block = Block(cfg, src, p, ratio, ratio == 4, False, numerics)
+        self.hc_head = HyperHead(cfg, src, f"{p}.")
+        self.eps = cfg.norm_eps
+
+    def forward(self, h: torch.Tensor, next_embed: torch.Tensor, batch: Batch, states, rope: Rope):
+        """h [T, n, D] main streams, next_embed [T, D] -> (normed hidden [T, D], this block's streams)."""
+        e = self.e_proj(ops.rms_norm(next_embed, self.enorm, self.eps))
+        x = e.unsqueeze(1) + self.h_proj(ops.rms_norm(h, self.hnorm, self.eps))
+        x = self.block(x, batch, states, rope)
+        return ops.rms_norm(self.hc_head(x), self.norm, self.eps), x
+
+
+class Transformer(nn.Module):
+    """Embedding -> n streams -> blocks -> hc_head -> norm -> head, plus the optional MTP block."""
+
+    def __init__(self, cfg: ModelConfig, src: WeightSource, numerics: Numerics = Numerics(),
+                 expert_provider=None, with_mtp: bool = True):  # fmt: skip
+        super().__init__()
+        self.cfg, self.numerics = cfg, numerics
+        dt = numerics.dtype
+        self.embed = _param(src.tensor("embed.weight"), dt)
+        self.layers = nn.ModuleList(
+            Block(cfg, src, f"layers.{i}", cfg.compress_ratios[i], cfg.csa_layers[i], cfg.hash_layers[i], numerics,
+                  expert_provider(i) if expert_provider else None)  # fmt: skip
+            for i in range(cfg.n_layers)
+        )
+        self.hc_head = HyperHead(cfg, src, "")
+        self.norm = _param(src.tensor("norm.weight"), torch.float32)
+        self.head = _param(src.tensor("head.weight"), dt)
+        self.mtp = nn.ModuleList(MTPBlock(cfg, src, f"mtp.{j}", numerics) for j in range(cfg.n_mtp_layers if with_mtp else 0))
+        rd = cfg.rope_head_dim
+        self.ropes = {
+            "main": Rope(rd, cfg.rope_theta),
+            "compress": Rope(rd, cfg.compress_rope_theta, cfg.rope_factor, cfg.original_seq_len, cfg.beta_fast, cfg.beta_slow),
+        }
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.device
+
+    def new_state(self) -> SeqState:
+        dev = self.device
+        return SeqState(
+            layers=[layer.attn.new_state(dev) for layer in self.layers],
+            mtp=[m.block.attn.new_state(dev) for m in self.mtp],
+        )
+
+    def make_batch(self, seqs: list[list[int]], states: list[SeqState]) -> Batch:
+        """Flatten new tokens of several sequences, each continuing its own state."""
+        if len(seqs) != len(states):
+            raise ValueError(f"{len(seqs)} token lists for {len(states)} states")
+        tokens, positions, segments, t = [], [], [], 0
+        for ids, st in zip(seqs, states, strict=True):
+            if not ids:
+                raise ValueError("every sequence in a step needs at least one new token")
+            bad = [i for i in ids if not 0 <= i < self.cfg.vocab_size]
+            if bad:
+                raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.cfg.vocab_size})")
+            tokens.extend(ids)
+            positions.extend(range(st.pos, st.pos + len(ids)))
+            segments.append((t, t + len(ids)))
+            t += len(ids)
+        dev = self.device
+        pos = torch.tensor(positions, dtype=torch.long, device=dev)
+        return Batch(
+            tokens=torch.tensor(tokens, dtype=torch.long, device=dev),
+            positions=pos,
+            segments=segments,
+            rope={k: r(pos) for k, r in self.ropes.items()},
+        )
+
+    def forward(self, batch: Batch, states: list[SeqState]) -> torch.Tensor:
+        """Run one step; advance every state; return the last streams h [T, n, D]."""
+        h = F.embedding(batch.tokens, self.embed).unsqueeze(1).repeat(1, self.cfg.hc_mult, 1)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, batch, [st.layers[i] for st in states], self.ropes["compress"])
+        for (a, b), st in zip(batch.segments, states, strict=True):
+            st.pos += b - a
+        return h
+
+    def logits_from(self, h: torch.Tensor) -> torch.Tensor:
+        """Streams [T, n, D] -> float32 logits [T, V]."""
+        x = ops.rms_norm(self.hc_head(h), self.norm, self.cfg.norm_eps)
+        return F.linear(x, self.head).float()
+
+    def mtp_logits(self, h: torch.Tensor, next_tokens: torch.Tensor, batch: Batch, states: list[SeqState]):
+        """Draft logits [T, V] for the token after `next_tokens`, from main streams h at `batch` positions.
+
+        The MTP block keeps its own window state per sequence (`SeqState.mtp`); `batch` must be the
+        step that produced h (its positions), and `next_tokens` [T] the tokens that follow each one.
+        """
+        if not self.mtp:
+            raise RuntimeError("this checkpoint has no MTP layer (no mtp.* tensors)")
+        e = F.embedding(next_tokens, self.embed)
+        x, _ = self.mtp[0](h, e, batch, [st.mtp[0] for st in states], self.ropes["compress"])
+        return F.linear(x, self.head).float()

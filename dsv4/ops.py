@@ -1,0 +1,128 @@
+"""The compute seam between the model math and the kernels.
+
+`linear` dispatches on the weight's format object (`Dense`, `FP8Block`, `MXFP4` from `quant`) and
+uses the compiled CPU kernels when they are available for that device, else the plain-torch
+reference (dequantize, then matmul). The other helpers (RMSNorm, interleaved RoPE, the clamped
+SwiGLU, attention with a sink) are small enough to stay plain torch.
+
+It knows nothing of layers, checkpoints or sequences.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .quant import MXFP4, Dense, FP8Block, Weight
+
+try:  # compiled kernels are optional: every call below has a plain-torch path
+    from . import kernels as _kernels
+except ImportError:  # pragma: no cover - the package ships them, but a partial install may not
+    _kernels = None
+
+
+def _use_kernels(x: torch.Tensor) -> bool:
+    return _kernels is not None and x.device.type == "cpu" and _kernels.available()
+
+
+def linear(x: torch.Tensor, w: Weight) -> torch.Tensor:
+    """y = x @ W^T for any weight format; returns x's dtype."""
+    if isinstance(w, Dense):
+        return F.linear(x, w.weight if w.weight.dtype == x.dtype else w.weight.to(x.dtype))
+    if isinstance(w, MXFP4):
+        if _use_kernels(x):
+            return _kernels.mxfp4_linear(x, w.weight, w.scale)
+        return F.linear(x, w.dequantize(x.dtype))
+    if isinstance(w, FP8Block):
+        if _use_kernels(x):
+            return _kernels.fp8_linear(x, w.weight, w.scale)
+        return F.linear(x, w.dequantize(x.dtype))
+    raise TypeError(f"unknown weight format {type(w).__name__}")
+
+
+def grouped_linear(x: torch.Tensor, w: Weight, groups: int) -> torch.Tensor:
+    """Block-diagonal projection: x `[T, G, in]`, W `[G*out, in]` -> `[T, G, out]` (group g uses rows g)."""
+    if isinstance(w, Dense):
+        wg = w.weight.to(x.dtype).view(groups, -1, x.shape[-1])
+        return torch.einsum("tgi,goi->tgo", x, wg)
+    rows = w.shape[0] // groups
+    if isinstance(w, FP8Block) and rows % 128 == 0:  # slice whole scale blocks: no dequantization
+        step = rows // 128
+        parts = [
+            linear(x[:, g], FP8Block(w.weight[g * rows : (g + 1) * rows], w.scale[g * step : (g + 1) * step]))
+            for g in range(groups)
+        ]
+        return torch.stack(parts, dim=1)
+    return grouped_linear(x, Dense(w.dequantize(x.dtype)), groups)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """RMSNorm in fp32, cast back to x's dtype; weight None gives the weightless form."""
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
+    if weight is not None:
+        y = weight.float() * y
+    return y.to(x.dtype)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """Interleaved-pair (GPT-J) rotation of the last 2*cos.shape[-1] dims of x.
+
+    x `[T, ..., D]`; cos, sin `[T, R/2]` broadcast over the middle dims. fp32 math, x's dtype out.
+    """
+    r = cos.shape[-1] * 2
+    shape = (cos.shape[0],) + (1,) * (x.dim() - 2) + (cos.shape[-1],)
+    c, s = cos.view(shape), sin.view(shape)
+    if inverse:
+        s = -s
+    nope, pe = x[..., :-r], x[..., -r:].float()
+    a, b = pe[..., 0::2], pe[..., 1::2]
+    out = torch.stack((a * c - b * s, a * s + b * c), dim=-1).flatten(-2)
+    return torch.cat([nope, out.to(x.dtype)], dim=-1)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
+    """silu(min(gate, limit)) * clamp(up, -limit, limit), in fp32."""
+    gate, up = gate.float(), up.float()
+    if limit > 0:
+        gate = gate.clamp(max=limit)
+        up = up.clamp(-limit, limit)
+    return F.silu(gate) * up
+
+
+def expert_mlp(x: torch.Tensor, w1: Weight, w2: Weight, w3: Weight, limit: float, scale: torch.Tensor | None = None):
+    """One SwiGLU expert, `w2(swiglu(w1 x, w3 x) * scale)`; scale `[T, 1]` is the router weight."""
+    h = swiglu(linear(x, w1), linear(x, w3), limit)
+    if scale is not None:
+        h = h * scale
+    return linear(h.to(x.dtype), w2)
+
+
+def sink_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    valid: torch.Tensor,
+    sink: torch.Tensor,
+    scale: float,
+    k_sel: torch.Tensor | None = None,
+    valid_sel: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Softmax attention over one shared K=V head with a per-head sink logit in the denominator only.
+
+    q `[S, H, D]`; k `[K, D]` keys shared by all queries with `valid` `[S, K]`; optionally k_sel
+    `[S, Ks, D]` keys chosen per query (CSA's top-k compressed entries) with `valid_sel` `[S, Ks]`.
+    Returns `[S, H, D]` in q's dtype; math in fp32.
+    """
+    qf = q.float()
+    scores = torch.einsum("shd,kd->shk", qf, k.float()) * scale
+    scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
+    parts = [scores]
+    if k_sel is not None:
+        sel = torch.einsum("shd,skd->shk", qf, k_sel.float()) * scale
+        parts.append(sel.masked_fill(~valid_sel[:, None, :], float("-inf")))
+    parts.append(sink.float().view(1, -1, 1).expand(q.shape[0], -1, 1))
+    probs = torch.softmax(torch.cat(parts, dim=-1), dim=-1)
+    out = torch.einsum("shk,kd->shd", probs[..., : k.shape[0]], k.float())
+    if k_sel is not None:
+        out = out + torch.einsum("shk,skd->shd", probs[..., k.shape[0] : -1], k_sel.float())
+    return out.to(q.dtype)
