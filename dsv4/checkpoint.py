@@ -93,7 +93,7 @@ def official_name(stored: str) -> str:
     if stored in _HF_TOP_RENAMES:
         return _HF_TOP_RENAMES[stored]
     name = stored.replace(".weight_scale_inv", ".scale")
-    m = re.match(r"model\.layers\.(\d+)\.(.*)$", name)
+    m = re.match(r"(?:model\.)?layers\.(\d+)\.(.*)$", name)
     if not m:
         return name
     rest = m.group(2)
@@ -102,6 +102,8 @@ def official_name(stored: str) -> str:
         if new != rest:
             rest = new
             break
+    # transformers' save_pretrained writes official names under `model.`, but kv_norm as `attn.norm`
+    rest = re.sub(r"^attn\.norm\.", "attn.kv_norm.", rest)
     return f"layers.{m.group(1)}.{rest}"
 
 

@@ -279,7 +279,10 @@ class Indexer(nn.Module):
         n_visible = (positions + 1) // self.ratio  # entry j is visible iff j < n_visible
         visible = torch.arange(keys.shape[0], device=keys.device)[None] < n_visible[:, None]
         k = min(self.topk, keys.shape[0])
-        idx = scores.masked_fill(~visible, float("-inf")).topk(k, dim=-1).indices
+        # Scores tie exactly when every head's ReLU is 0; a stable sort keeps the earliest entries, so
+        # the choice does not depend on how many entries exist yet (chunking cannot change it).
+        order = scores.masked_fill(~visible, float("-inf")).sort(dim=-1, descending=True, stable=True).indices
+        idx = order[:, :k]
         return idx, idx < n_visible[:, None]
 
 

@@ -7,6 +7,7 @@ import re
 import torch
 
 from dsv4.checkpoint import official_name
+from dsv4.config import ModelConfig
 
 
 def hf_config(raw: dict):
@@ -17,6 +18,12 @@ def hf_config(raw: dict):
     rs = raw.get("rope_scaling")
     if rs:
         keys["rope_parameters"] = {"rope_type": rs.get("type", rs.get("rope_type")), **{k: v for k, v in rs.items() if k != "type"}}
+    ours = ModelConfig.from_dict(raw)
+    kinds = {"sliding": "sliding_attention", "csa": "compressed_sparse_attention", "hca": "heavily_compressed_attention"}
+    keys.pop("compress_ratios", None)
+    keys["layer_types"] = [kinds[ours.layer_kind(i)] for i in range(ours.n_layers)]
+    rates = {kinds[ours.layer_kind(i)]: r for i, r in enumerate(ours.compress_ratios) if r}
+    keys["compress_rates"] = {**{"compressed_sparse_attention": 4, "heavily_compressed_attention": 128}, **rates}
     cfg = DeepseekV4Config(**keys)
     cfg._attn_implementation = "eager"
     return cfg

@@ -1,0 +1,164 @@
+"""Quantized-weight matmuls for the CPU: compiled AVX-512 kernels with a plain-torch fallback.
+
+`mxfp4_linear` and `fp8_linear` compute `x @ dequant(W).T` in fp32 for the two weight formats of
+`dsv4.quant`, returning x's dtype. The compiled path (`cpu_kernels.cpp`) is built on first use with
+`torch.utils.cpp_extension.load` into `~/.cache/dsv4/kernels/<hash>`, the hash covering the source,
+the flags, the torch version and the CPU's flags (the build uses `-march=native`). It needs a C++
+compiler, `ninja` and an AVX-512 CPU; without them, or with `DSV4_KERNELS=torch`, every call takes
+the fallback (dequantize row chunks, then matmul), after one warning.
+
+This module knows the weight formats only; which layer uses which format is `dsv4.ops`'s business.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import threading
+from pathlib import Path
+
+import torch
+
+from ..quant import dequant_fp8_block, dequant_mxfp4
+
+log = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+_CFLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17"]
+_LDFLAGS = ["-fopenmp"]
+# Below this many rows of x the kernels stream the weight once and expand codes in registers;
+# from here on dequantizing tiles for at::mm is faster (measured by bench/bench_kernels.py).
+PREFILL_ROWS = 16
+# The fallback dequantizes at most this many weight elements at a time (64 MB of fp32).
+_FALLBACK_CHUNK = 1 << 24
+
+_lock = threading.Lock()
+_ext = None  # the compiled module once built; False once it is known to be unusable
+
+
+def backend() -> str:
+    """"compiled" or "torch": what the next call will use (`DSV4_KERNELS=torch` forces torch)."""
+    return "compiled" if available() else "torch"
+
+
+def available() -> bool:
+    """Whether the compiled kernels are usable here (builds them on the first call)."""
+    return _load() is not None
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _build_dir() -> Path:
+    h = hashlib.sha256()
+    for part in (_SOURCE.read_bytes(), " ".join(_CFLAGS + _LDFLAGS).encode(), torch.__version__.encode()):
+        h.update(part)
+    h.update(_cpu_flags().encode())
+    return Path.home() / ".cache" / "dsv4" / "kernels" / h.hexdigest()[:16]
+
+
+def _load():
+    global _ext
+    if os.environ.get("DSV4_KERNELS", "").lower() == "torch":
+        return None
+    if _ext is None:
+        with _lock:
+            if _ext is None:
+                _ext = _build() or False
+    return _ext or None
+
+
+def _build():
+    if torch.backends.cpu.get_cpu_capability() != "AVX512" or "avx512bw" not in _cpu_flags():
+        log.warning("dsv4.kernels: CPU without AVX-512, using the plain-torch fallback")
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        build = _build_dir()
+        build.mkdir(parents=True, exist_ok=True)
+        return load(
+            name="dsv4_cpu_kernels",
+            sources=[str(_SOURCE)],
+            extra_cflags=_CFLAGS,
+            extra_ldflags=_LDFLAGS,
+            build_directory=str(build),
+            verbose=False,
+        )
+    except Exception as e:  # a missing compiler or ninja must not stop the engine
+        log.warning("dsv4.kernels: build failed (%s), using the plain-torch fallback", e)
+        return None
+
+
+def _compiled(x: torch.Tensor):
+    """The extension when it should take this call: built, x on the CPU in a dtype it reads."""
+    ext = _load()
+    if ext is not None and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16):
+        return ext
+    return None
+
+
+def _check(x: torch.Tensor, in_f: int) -> None:
+    if x.shape[-1] != in_f:
+        raise ValueError(f"x has {x.shape[-1]} input features, the weight expects {in_f}")
+
+
+def mxfp4_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x `[..., in]` @ MXFP4 weight (int8 `[out, in/2]`, e8m0 `[out, in/32]`).T, fp32 accumulation."""
+    _check(x, weight.shape[1] * 2)
+    ext = _compiled(x)
+    if ext is not None:
+        return ext.mxfp4_linear(x, weight, scale, PREFILL_ROWS)
+    return mxfp4_linear_torch(x, weight, scale)
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x `[..., in]` @ FP8 weight (e4m3 `[out, in]`, e8m0/fp32 block scales `[out/128, in/128]`).T."""
+    _check(x, weight.shape[1])
+    ext = _compiled(x)
+    if ext is not None:
+        return ext.fp8_linear(x, weight, scale, PREFILL_ROWS)
+    return fp8_linear_torch(x, weight, scale)
+
+
+def mxfp4_linear_torch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The fallback: `dequant_mxfp4` in row chunks, then matmul."""
+    out_f, in_f = weight.shape[0], weight.shape[1] * 2
+    _check(x, in_f)
+    x2 = x.reshape(-1, in_f).float()
+    y = _chunked(x2, out_f, in_f, lambda r0, r1: dequant_mxfp4(weight[r0:r1], scale[r0:r1]))
+    return y.reshape(*x.shape[:-1], out_f).to(x.dtype)
+
+
+def fp8_linear_torch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The fallback: `dequant_fp8_block` in row chunks (whole 128-row scale blocks), then matmul."""
+    out_f, in_f = weight.shape
+    _check(x, in_f)
+    x2 = x.reshape(-1, in_f).float()
+
+    def dequant(r0: int, r1: int) -> torch.Tensor:
+        return dequant_fp8_block(weight[r0:r1], scale[r0 // 128 : (r1 + 127) // 128])
+
+    y = _chunked(x2, out_f, in_f, dequant, align=128)
+    return y.reshape(*x.shape[:-1], out_f).to(x.dtype)
+
+
+def _chunked(x2: torch.Tensor, out_f: int, in_f: int, dequant, align: int = 1) -> torch.Tensor:
+    """The reference math, dequantizing row chunks so big weights need bounded temporary memory."""
+    rows = max(align, _FALLBACK_CHUNK // max(in_f, 1) // align * align)
+    if rows >= out_f:
+        return x2 @ dequant(0, out_f).T
+    y = x2.new_empty(x2.shape[0], out_f)
+    for r0 in range(0, out_f, rows):
+        r1 = min(out_f, r0 + rows)
+        y[:, r0:r1] = x2 @ dequant(r0, r1).T
+    return y

@@ -1,0 +1,409 @@
+// AVX-512 CPU kernels for the two quantized weight formats (see dsv4/quant.py):
+//   MXFP4: uint8 [out, in/2], two e2m1 codes per byte (low nibble = even input), e8m0 scale [out, in/32]
+//   FP8:   e4m3fn [out, in] with one scale per 128x128 block (e8m0 bytes or float32)
+// y[M, out] = x[M, in] @ dequant(W).T, accumulated in fp32, for fp32 x.
+//
+// Two paths per format:
+//   decode (few rows of x): the weight streams from memory once; codes are expanded to fp32 in
+//     registers and FMA'd with a copy of x whose columns were permuted to match the order the
+//     expansion produces (so no shuffles are needed to restore the input order).
+//   prefill (many rows of x): the weight is dequantized in row chunks (same permuted column order)
+//     into a fp32 buffer and multiplied with at::mm, which is compute-bound there anyway.
+// This file knows nothing of models or of the Python fallback; dsv4/kernels/__init__.py checks
+// shapes and dtypes before calling in, so the entry points only assert.
+
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kMxChunk = 128;  // e2m1 codes in one 64-byte load
+constexpr int64_t kF8Chunk = 64;   // e4m3 values in one 64-byte load
+constexpr int64_t kTileRows = 16;  // weight rows per work item; divides the 128-row FP8 block
+constexpr int64_t kGroup = 4;      // x rows sharing one expansion of the weight codes
+#ifndef DSV4_PREFETCH
+#define DSV4_PREFETCH 1024
+#endif
+// Software prefetch distance in bytes of the weight stream: with 2 cores each streaming its own
+// rows the hardware prefetcher alone leaves the loads waiting on DRAM (measured).
+constexpr int64_t kPrefetch = DSV4_PREFETCH;
+
+alignas(64) const float kE2M1[16] = {0.f,  .5f,  1.f,  1.5f,  2.f,  3.f,  4.f,  6.f,
+                                     -0.f, -.5f, -1.f, -1.5f, -2.f, -3.f, -4.f, -6.f};
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// ---- column permutations -------------------------------------------------------------------
+// MXFP4: a 64-byte load viewed as 16 dwords holds 8 nibbles per dword. Shifting right by 4k and
+// using vpermps (which reads only the low 4 index bits) yields lane d = code 8d+k of the chunk.
+// So permuted position 16k+d holds input 8d+k.
+inline int64_t mx_src(int64_t p) { return 8 * (p % 16) + p / 16; }
+// FP8: the 64 bytes are split into even and odd bytes (two fp16 vectors of 32), each converted
+// in two halves: quarter q holds inputs (q&1)*32 + 2d + (q>>1).
+inline int64_t f8_src(int64_t p) { return (p / 16 & 1) * 32 + 2 * (p % 16) + (p / 32); }
+
+// x [M, in] (fp32 or bf16) -> fp32 [M, nchunks*chunk] in the permuted order, zero-padded past `in`.
+template <int64_t Chunk, int64_t (*Src)(int64_t), class T>
+void permute_rows(const T* x, int64_t M, int64_t in, int64_t kp, float* xp) {
+  int64_t idx[Chunk];
+  for (int64_t p = 0; p < Chunk; ++p) idx[p] = Src(p);
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      const T* src = x + m * in;
+      float* dst = xp + m * kp;
+      for (int64_t c = 0; c < kp; c += Chunk)
+        for (int64_t p = 0; p < Chunk; ++p)
+          dst[c + p] = c + idx[p] < in ? static_cast<float>(src[c + idx[p]]) : 0.f;
+    }
+  });
+}
+
+template <int64_t Chunk, int64_t (*Src)(int64_t)>
+torch::Tensor permute_x(const torch::Tensor& x) {
+  const int64_t M = x.size(0), in = x.size(1), kp = ceil_div(in, Chunk) * Chunk;
+  auto xp = torch::empty({M, kp}, x.options().dtype(torch::kFloat));
+  if (x.scalar_type() == torch::kBFloat16)
+    permute_rows<Chunk, Src>(x.data_ptr<at::BFloat16>(), M, in, kp, xp.data_ptr<float>());
+  else
+    permute_rows<Chunk, Src>(x.data_ptr<float>(), M, in, kp, xp.data_ptr<float>());
+  return xp;
+}
+
+// ---- MXFP4 ---------------------------------------------------------------------------------
+
+// Scales for one 128-code chunk: lane d belongs to block d/4. `s` holds nb (1..4) e8m0 bytes.
+// e8m0 byte b is 2^(b-127): as fp32 bits that is b<<23, except b=0 (2^-127, a denormal).
+inline __m512 mx_scales(const uint8_t* s, int64_t nb) {
+  uint32_t v = 0;
+  std::memcpy(&v, s, nb);
+  // pshufb works per 128-bit lane; lane L (dwords 4L..4L+3) takes byte L, zero-extended.
+  const __m512i ctl = _mm512_set_epi32(
+      (int)0x80808003, (int)0x80808003, (int)0x80808003, (int)0x80808003, (int)0x80808002,
+      (int)0x80808002, (int)0x80808002, (int)0x80808002, (int)0x80808001, (int)0x80808001,
+      (int)0x80808001, (int)0x80808001, (int)0x80808000, (int)0x80808000, (int)0x80808000,
+      (int)0x80808000);
+  const __m512i b = _mm512_shuffle_epi8(_mm512_set1_epi32((int)v), ctl);
+  __m512i bits = _mm512_slli_epi32(b, 23);
+  const __mmask16 zero = _mm512_testn_epi32_mask(b, b);
+  if (__builtin_expect(zero != 0, 0))
+    bits = _mm512_mask_mov_epi32(bits, zero, _mm512_set1_epi32(0x00400000));
+  return _mm512_castsi512_ps(bits);
+}
+
+// Load the 64-byte chunk c of a row (masked at the tail) and its scale vector.
+inline void mx_load(const uint8_t* w, const uint8_t* s, int64_t in, int64_t c, __m512i& codes,
+                    __m512& sc) {
+  const int64_t rem = in - c * kMxChunk;  // codes left in the row, a multiple of 32
+  if (rem >= kMxChunk) {
+    codes = _mm512_loadu_si512(w + c * 64);
+    sc = mx_scales(s + c * 4, 4);
+  } else {
+    codes = _mm512_maskz_loadu_epi32((__mmask16)((1u << (rem / 8)) - 1), w + c * 64);
+    sc = mx_scales(s + c * 4, rem / 32);
+  }
+}
+
+// Scales for 4 consecutive full chunks (16 e8m0 bytes): sc[i] lane d = block 4i + d/4.
+inline void mx_scales4(const uint8_t* s, __m512 sc[4]) {
+  const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s)));
+  __m512i bits = _mm512_slli_epi32(b, 23);
+  const __mmask16 zero = _mm512_testn_epi32_mask(b, b);
+  if (__builtin_expect(zero != 0, 0))
+    bits = _mm512_mask_mov_epi32(bits, zero, _mm512_set1_epi32(0x00400000));
+  const __m512 f = _mm512_castsi512_ps(bits);
+  const __m512i quarter = _mm512_srli_epi32(
+      _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), 2);  // d/4
+  for (int i = 0; i < 4; ++i)
+    sc[i] = _mm512_permutexvar_ps(_mm512_add_epi32(quarter, _mm512_set1_epi32(4 * i)), f);
+}
+
+// acc[m] += scale * (codes . xc[m]) for one 128-code chunk and M rows of permuted x.
+template <int M>
+inline void mx_chunk(__m512i codes, __m512 sc, const float* xc, int64_t ldx, __m512* acc) {
+  const __m512 tab = _mm512_load_ps(kE2M1);
+  __m512 b[M];
+#pragma GCC unroll 8
+  for (int k = 0; k < 8; ++k) {
+    const __m512 v = _mm512_permutexvar_ps(_mm512_srli_epi32(codes, 4 * k), tab);
+    for (int m = 0; m < M; ++m) {
+      const __m512 xv = _mm512_loadu_ps(xc + m * ldx + 16 * k);
+      b[m] = k == 0 ? _mm512_mul_ps(v, xv) : _mm512_fmadd_ps(v, xv, b[m]);
+    }
+  }
+  for (int m = 0; m < M; ++m) acc[m] = _mm512_fmadd_ps(b[m], sc, acc[m]);
+}
+
+// y[m] = sum over the row of code * scale * xp[m], for M rows of permuted x (stride ldx).
+template <int M>
+inline void mx_row(const uint8_t* w, const uint8_t* s, int64_t in, const float* xp, int64_t ldx,
+                   float* y, int64_t ldy) {
+  __m512 acc[M];
+  for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
+  const int64_t nch = ceil_div(in, kMxChunk), nfull = in / kMxChunk;
+  int64_t c = 0;
+  // Groups of 4 full chunks share one 16-byte scale load.
+  for (; c + 4 <= nfull; c += 4) {
+    const uint8_t* wc = w + c * 64;
+    for (int i = 0; i < 4; ++i) _mm_prefetch(reinterpret_cast<const char*>(wc + kPrefetch + 64 * i), _MM_HINT_T0);
+    __m512 sc[4];
+    mx_scales4(s + c * 4, sc);
+    for (int i = 0; i < 4; ++i)
+      mx_chunk<M>(_mm512_loadu_si512(wc + 64 * i), sc[i], xp + (c + i) * kMxChunk, ldx, acc);
+  }
+  for (; c < nch; ++c) {
+    __m512i codes;
+    __m512 sc;
+    mx_load(w, s, in, c, codes, sc);
+    mx_chunk<M>(codes, sc, xp + c * kMxChunk, ldx, acc);
+  }
+  for (int m = 0; m < M; ++m) y[m * ldy] = _mm512_reduce_add_ps(acc[m]);
+}
+
+// Rows [r0, r1) of the weight -> fp32 in permuted column order, row stride kp.
+void mx_dequant(const uint8_t* w, const uint8_t* s, int64_t in, int64_t r0, int64_t r1, int64_t kp,
+                float* dst) {
+  const __m512 tab = _mm512_load_ps(kE2M1);
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* wr = w + r * (in / 2);
+    const uint8_t* sr = s + r * (in / 32);
+    float* d = dst + (r - r0) * kp;
+    for (int64_t c = 0; c < kp / kMxChunk; ++c) {
+      __m512i codes;
+      __m512 sc;
+      mx_load(wr, sr, in, c, codes, sc);
+#pragma GCC unroll 8
+      for (int k = 0; k < 8; ++k) {
+        const __m512 v = _mm512_permutexvar_ps(_mm512_srli_epi32(codes, 4 * k), tab);
+        _mm512_storeu_ps(d + c * kMxChunk + 16 * k, _mm512_mul_ps(v, sc));
+      }
+    }
+  }
+}
+
+// ---- FP8 e4m3 ------------------------------------------------------------------------------
+
+// 64 e4m3 bytes -> 4 x 16 fp32 holding value * 2^-8, in the f8_src order.
+// e4m3 (s eeee mmm, bias 7) placed as fp16 bits s 0eeee mmm0000000 is exactly value * 2^-8,
+// denormals included, and vcvtph2ps widens fp16 exactly; this avoids fp32 denormals.
+inline void e4m3_expand(__m512i v, __m512 f[4]) {
+  const __m512i keep = _mm512_set1_epi16((short)0xBF80);
+  // srai copies the sign into bit 14, which `keep` clears; bits 6..0 (the other byte) also go.
+  const __m512i odd = _mm512_and_si512(_mm512_srai_epi16(v, 1), keep);
+  const __m512i even = _mm512_and_si512(_mm512_srai_epi16(_mm512_slli_epi16(v, 8), 1), keep);
+  f[0] = _mm512_cvtph_ps(_mm512_castsi512_si256(even));
+  f[1] = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(even, 1));
+  f[2] = _mm512_cvtph_ps(_mm512_castsi512_si256(odd));
+  f[3] = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(odd, 1));
+}
+
+inline __m512i f8_load(const uint8_t* w, int64_t in, int64_t c) {
+  const int64_t rem = in - c * kF8Chunk;
+  if (rem >= kF8Chunk) return _mm512_loadu_si512(w + c * kF8Chunk);
+  return _mm512_maskz_loadu_epi8((__mmask64)((1ull << rem) - 1), w + c * kF8Chunk);
+}
+
+// y[m] = sum of e4m3 * xs[m] over a row; xs already carries the block scales and the 2^8.
+template <int M>
+inline void f8_row(const uint8_t* w, int64_t in, const float* xs, int64_t ldx, float* y,
+                   int64_t ldy) {
+  __m512 acc[M][4];
+  for (int m = 0; m < M; ++m)
+    for (int q = 0; q < 4; ++q) acc[m][q] = _mm512_setzero_ps();
+  const int64_t nch = ceil_div(in, kF8Chunk);
+  for (int64_t c = 0; c < nch; ++c) {
+    _mm_prefetch(reinterpret_cast<const char*>(w + c * kF8Chunk + kPrefetch), _MM_HINT_T0);
+    __m512 f[4];
+    e4m3_expand(f8_load(w, in, c), f);
+    const float* xc = xs + c * kF8Chunk;
+    for (int m = 0; m < M; ++m)
+      for (int q = 0; q < 4; ++q)
+        acc[m][q] = _mm512_fmadd_ps(f[q], _mm512_loadu_ps(xc + m * ldx + 16 * q), acc[m][q]);
+  }
+  for (int m = 0; m < M; ++m) {
+    const __m512 a = _mm512_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]),
+                                   _mm512_add_ps(acc[m][2], acc[m][3]));
+    y[m * ldy] = _mm512_reduce_add_ps(a);
+  }
+}
+
+// Block scales as float32 times 2^8 (undoing e4m3_expand's 2^-8), grid [ceil(out/128), ceil(in/128)].
+std::vector<float> f8_scales(const torch::Tensor& scale) {
+  auto s = scale.contiguous();
+  std::vector<float> out(s.numel());
+  if (s.scalar_type() == torch::kUInt8) {
+    const uint8_t* b = s.data_ptr<uint8_t>();
+    for (int64_t i = 0; i < s.numel(); ++i) out[i] = std::ldexp(1.0f, int(b[i]) - 127 + 8);
+  } else {
+    const float* f = s.data_ptr<float>();
+    for (int64_t i = 0; i < s.numel(); ++i) out[i] = f[i] * 256.0f;
+  }
+  return out;
+}
+
+void f8_dequant(const uint8_t* w, const float* sc, int64_t nbi, int64_t in, int64_t r0, int64_t r1,
+                int64_t kp, float* dst) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* wr = w + r * in;
+    const float* srow = sc + (r / 128) * nbi;
+    float* d = dst + (r - r0) * kp;
+    for (int64_t c = 0; c < kp / kF8Chunk; ++c) {
+      __m512 f[4];
+      e4m3_expand(f8_load(wr, in, c), f);
+      const __m512 s = _mm512_set1_ps(srow[c / 2]);  // two 64-chunks per 128-column block
+      for (int q = 0; q < 4; ++q) _mm512_storeu_ps(d + c * kF8Chunk + 16 * q, _mm512_mul_ps(f[q], s));
+    }
+  }
+}
+
+// ---- drivers -------------------------------------------------------------------------------
+
+// Calls row<G>(r, m0) for every weight row r in [r0, r1) and every group of up to kGroup x rows.
+// Rows of one tile are revisited per group, from L1/L2, so the weight streams from memory once.
+template <class RowFn>
+inline void for_tile(int64_t r0, int64_t r1, int64_t M, RowFn&& row) {
+  for (int64_t m0 = 0; m0 < M; m0 += kGroup) {
+    const int64_t g = std::min(kGroup, M - m0);
+    for (int64_t r = r0; r < r1; ++r) {
+      switch (g) {
+        case 1: row(std::integral_constant<int, 1>{}, r, m0); break;
+        case 2: row(std::integral_constant<int, 2>{}, r, m0); break;
+        case 3: row(std::integral_constant<int, 3>{}, r, m0); break;
+        default: row(std::integral_constant<int, 4>{}, r, m0); break;
+      }
+    }
+  }
+}
+
+// Prefill: dequantize row chunks of at most ~4 MB into one buffer (in parallel) and at::mm them.
+template <class DequantFn>
+torch::Tensor dequant_mm(const torch::Tensor& xp, int64_t out_f, DequantFn&& dequant) {
+  const int64_t M = xp.size(0), kp = xp.size(1);
+  auto y = torch::empty({M, out_f}, xp.options());
+  const int64_t chunk = std::max<int64_t>(kTileRows, ((1 << 20) / kp) / kTileRows * kTileRows);
+  auto buf = torch::empty({std::min(chunk, out_f), kp}, xp.options());
+  float* b = buf.data_ptr<float>();
+  for (int64_t r0 = 0; r0 < out_f; r0 += chunk) {
+    const int64_t n = std::min(chunk, out_f - r0);
+    at::parallel_for(0, ceil_div(n, kTileRows), 1, [&](int64_t t0, int64_t t1) {
+      const int64_t a = r0 + t0 * kTileRows, e = r0 + std::min(n, t1 * kTileRows);
+      dequant(a, e, b + (a - r0) * kp);
+    });
+    // y[:, r0:r0+n] is a strided view (ld = out_f) that BLAS writes in place.
+    auto yv = y.narrow(1, r0, n);
+    at::mm_out(yv, xp, buf.narrow(0, 0, n).t());
+  }
+  return y;
+}
+
+// x [..., in] fp32/bf16 -> contiguous [M, in]; the checks repeat the Python wrapper's for safety.
+torch::Tensor rows_of(const torch::Tensor& x, int64_t in) {
+  TORCH_CHECK(x.device().is_cpu(), "dsv4 cpu kernels: x must be on the CPU, got ", x.device());
+  TORCH_CHECK(x.scalar_type() == torch::kFloat || x.scalar_type() == torch::kBFloat16,
+              "dsv4 cpu kernels: x must be float32 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == in, "dsv4 cpu kernels: x has ", x.size(-1),
+              " input features, the weight expects ", in);
+  return x.reshape({-1, in}).contiguous();
+}
+
+// y fp32 [M, out] -> [..., out] in x's dtype.
+torch::Tensor finish(const torch::Tensor& y, const torch::Tensor& x) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = y.size(1);
+  return y.view(shape).to(x.scalar_type());
+}
+
+bool is_byte(const torch::Tensor& t) {
+  const auto st = t.scalar_type();
+  return st == torch::kUInt8 || st == torch::kInt8 || st == at::ScalarType::Float8_e8m0fnu ||
+         st == at::ScalarType::Float8_e4m3fn;
+}
+
+}  // namespace
+
+// x [..., in] fp32/bf16; weight int8/uint8 [out, in/2]; scale e8m0 (or its uint8 bytes) [out, in/32].
+// Rows of x at or above prefill_rows take the dequantize-then-at::mm path.
+torch::Tensor mxfp4_linear(const torch::Tensor& x_in, const torch::Tensor& weight_in,
+                           const torch::Tensor& scale_in, int64_t prefill_rows) {
+  TORCH_CHECK(weight_in.dim() == 2 && is_byte(weight_in), "MXFP4 weight: 2-D int8/uint8");
+  const int64_t out_f = weight_in.size(0), in = weight_in.size(1) * 2;
+  TORCH_CHECK(is_byte(scale_in) && scale_in.dim() == 2 && scale_in.size(0) == out_f &&
+                  scale_in.size(1) == in / 32,
+              "MXFP4 scale: e8m0 [", out_f, ", ", in / 32, "], got ", scale_in.sizes());
+  const auto x = rows_of(x_in, in);
+  const auto weight = weight_in.contiguous(), scale = scale_in.contiguous();
+  const int64_t M = x.size(0);
+  const auto* w = static_cast<const uint8_t*>(weight.data_ptr());
+  const auto* s = static_cast<const uint8_t*>(scale.data_ptr());
+  auto xp = permute_x<kMxChunk, mx_src>(x);
+  const int64_t kp = xp.size(1);
+  if (M >= prefill_rows) {
+    return finish(dequant_mm(xp, out_f, [&](int64_t r0, int64_t r1, float* dst) {
+      mx_dequant(w, s, in, r0, r1, kp, dst);
+    }), x_in);
+  }
+  auto y = torch::empty({M, out_f}, xp.options());
+  const float* xd = xp.data_ptr<float>();
+  float* yd = y.data_ptr<float>();
+  at::parallel_for(0, ceil_div(out_f, kTileRows), 1, [&](int64_t t0, int64_t t1) {
+    for_tile(t0 * kTileRows, std::min(out_f, t1 * kTileRows), M, [&](auto g, int64_t r, int64_t m0) {
+      mx_row<decltype(g)::value>(w + r * (in / 2), s + r * (in / 32), in, xd + m0 * kp, kp,
+                                 yd + m0 * out_f + r, out_f);
+    });
+  });
+  return finish(y, x_in);
+}
+
+// x [..., in] fp32/bf16; weight e4m3fn (or its uint8 bytes) [out, in]; scale e8m0 bytes or any float
+// dtype, block grid [ceil(out/128), ceil(in/128)].
+torch::Tensor fp8_linear(const torch::Tensor& x_in, const torch::Tensor& weight_in,
+                         const torch::Tensor& scale_in, int64_t prefill_rows) {
+  TORCH_CHECK(weight_in.dim() == 2 && is_byte(weight_in), "FP8 weight: 2-D float8_e4m3fn");
+  const int64_t out_f = weight_in.size(0), in = weight_in.size(1), nbi = ceil_div(in, 128);
+  TORCH_CHECK(scale_in.dim() == 2 && scale_in.size(0) == ceil_div(out_f, 128) && scale_in.size(1) == nbi,
+              "FP8 scale grid: [", ceil_div(out_f, 128), ", ", nbi, "], got ", scale_in.sizes());
+  const auto x = rows_of(x_in, in);
+  const auto weight = weight_in.contiguous();
+  const std::vector<float> sc =
+      f8_scales(is_byte(scale_in) ? scale_in.contiguous().view(torch::kUInt8) : scale_in.to(torch::kFloat));
+  const int64_t M = x.size(0);
+  const auto* w = static_cast<const uint8_t*>(weight.data_ptr());
+  auto xp = permute_x<kF8Chunk, f8_src>(x);
+  const int64_t kp = xp.size(1);
+  if (M >= prefill_rows) {
+    return finish(dequant_mm(xp, out_f, [&](int64_t r0, int64_t r1, float* dst) {
+      f8_dequant(w, sc.data(), nbi, in, r0, r1, kp, dst);
+    }), x_in);
+  }
+  auto y = torch::empty({M, out_f}, xp.options());
+  const float* xd = xp.data_ptr<float>();
+  float* yd = y.data_ptr<float>();
+  at::parallel_for(0, ceil_div(out_f, kTileRows), 1, [&](int64_t t0, int64_t t1) {
+    // x times the scales of the current 128-row block, rebuilt when the block changes.
+    std::vector<float> xs(M * kp);
+    int64_t cur = -1;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t r0 = t * kTileRows, rb = r0 / 128;
+      if (rb != cur) {
+        cur = rb;
+        for (int64_t m = 0; m < M; ++m)
+          for (int64_t i = 0; i < kp; ++i) xs[m * kp + i] = xd[m * kp + i] * sc[rb * nbi + i / 128];
+      }
+      for_tile(r0, std::min(out_f, r0 + kTileRows), M, [&](auto g, int64_t r, int64_t m0) {
+        f8_row<decltype(g)::value>(w + r * in, in, xs.data() + m0 * kp, kp, yd + m0 * out_f + r,
+                                   out_f);
+      });
+    }
+  });
+  return finish(y, x_in);
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("mxfp4_linear", &mxfp4_linear, "y = x @ dequant_mxfp4(w, s).T, fp32 accumulation");
+  m.def("fp8_linear", &fp8_linear, "y = x @ dequant_fp8_block(w, s).T, fp32 accumulation");
+}

@@ -1,0 +1,52 @@
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from dsv4.config import ModelConfig  # noqa: E402
+from dsv4.tiny import random_weights, tiny_config, write_checkpoint  # noqa: E402
+
+torch.set_num_threads(2)
+
+# Tiny configs covering every layer type, hash and routed MoE, hc_mult 4, MTP.
+CONFIGS = {
+    # V4-Flash pattern: sliding, CSA, HCA, CSA; two hash layers
+    "flash": tiny_config(),
+    # V4-Pro pattern: HCA, HCA, CSA, HCA, CSA; three hash layers; fewer indexer picks
+    "pro": tiny_config(num_hidden_layers=5, compress_ratios=[128, 128, 4, 128, 4, 0], num_hash_layers=3, index_topk=4),
+    # short windows and HCA ratio 8: many compressed entries and window wraps in a short sequence
+    "small": tiny_config(sliding_window=16, compress_ratios=[0, 4, 8, 4, 0], index_topk=6, index_n_heads=8),
+}
+
+
+class Tiny:
+    def __init__(self, path: Path, raw: dict, tensors: dict):
+        self.path, self.raw, self.tensors = path, raw, tensors
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory):
+    """name -> Tiny (official-layout FP8/MXFP4 checkpoint, written once per session)."""
+    cache = {}
+
+    def get(name: str) -> Tiny:
+        if name not in cache:
+            raw = CONFIGS[name]
+            weights = random_weights(ModelConfig.from_dict(raw), seed=hash(name) % 1000)
+            path = tmp_path_factory.mktemp(f"ckpt_{name}")
+            cache[name] = Tiny(path, raw, write_checkpoint(path, raw, weights))
+        return cache[name]
+
+    return get
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-position relative L2 error of logits [S, V]."""
+    return (a.float() - b.float()).norm(dim=-1) / b.float().norm(dim=-1)
+
+
+def token_ids(n: int, vocab: int, seed: int = 1) -> list[int]:
+    return [int(x) for x in torch.randint(2, vocab, (n,), generator=torch.Generator().manual_seed(seed))]
