@@ -34,6 +34,128 @@ def cmd_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+DEMO_DIR = Path(__file__).parent / "demo"
+OFFICIAL_VOCAB = 129280
+
+
+def _model_dir(args: argparse.Namespace) -> Path:
+    if args.model is not None:
+        return args.model
+    if (DEMO_DIR / "config.json").exists():
+        return DEMO_DIR
+    raise FileNotFoundError("no --model given and no bundled demo model in this install: pass --model DIR")
+
+
+def _load(args: argparse.Namespace):
+    import dsv4
+
+    return dsv4.load(_model_dir(args), device=args.device, dtype=args.dtype, numerics=args.numerics,
+                     progress=sys.stderr.isatty())  # fmt: skip
+
+
+def _sampling(args: argparse.Namespace) -> dict:
+    out = {
+        "max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
+        "min_p": args.min_p, "repetition_penalty": args.repetition_penalty, "seed": args.seed,
+    }  # fmt: skip
+    if args.stop:
+        out["stop"] = args.stop
+    return out
+
+
+def _stats_line(result) -> str:
+    st = result.stats
+    line = (f"[{st.prompt_tokens} prompt tokens, {st.generated_tokens} generated; prefill {st.prefill_tps:.1f} tok/s, "
+            f"decode {st.decode_tps:.1f} tok/s; finish: {result.finish_reason}")  # fmt: skip
+    if st.acceptance_rate is not None:
+        line += f"; MTP acceptance {st.acceptance_rate:.0%}"
+    return line + "]"
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    if not prompt:
+        raise ValueError("empty prompt: give PROMPT or pipe text on stdin")
+    engine = _load(args)
+    chat = args.chat or args.think or (not args.raw and engine.config.vocab_size == OFFICIAL_VOCAB)
+    mode = "thinking" if args.think else "chat"
+    request = [{"role": "user", "content": prompt}] if chat else prompt
+    if not chat:
+        print(prompt, end="", flush=True)
+    try:
+        for ev in engine.stream(request, thinking_mode=mode, speculative=args.speculative, **_sampling(args)):
+            print(ev.text, end="", flush=True)
+    except KeyboardInterrupt:
+        print("\n[stopped]", file=sys.stderr)
+        return 130
+    print()
+    if not args.quiet:
+        print(_stats_line(engine.last_sequence.result()), file=sys.stderr)
+    return 0
+
+
+CHAT_HELP = """commands:
+  /reset          start a new conversation
+  /think on|off   thinking mode (reasoning before the answer)
+  /save FILE      save the conversation as JSON
+  /help           this text
+  /exit           leave (or Ctrl-D); Ctrl-C stops a reply"""
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from .session import ChatSession
+
+    engine = _load(args)
+    session = ChatSession(engine, thinking_mode="thinking" if args.think else "chat", system=args.system)
+    params = _sampling(args)
+    print("dsv4 chat: type a message, /help for commands, Ctrl-D to leave.", flush=True)
+    while True:
+        try:
+            line = input(">>> ")
+        except EOFError:
+            print()
+            return 0
+        except KeyboardInterrupt:
+            print()
+            continue
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("/"):
+            if _chat_command(session, line):
+                return 0
+            continue
+        try:
+            for ev in session.send(line, **params):
+                print(ev.text, end="", flush=True)
+            print()
+        except KeyboardInterrupt:
+            print("\n[stopped]", flush=True)
+
+
+def _chat_command(session, line: str) -> bool:
+    """Handle a /command; True means leave."""
+    cmd, _, arg = line.partition(" ")
+    arg = arg.strip()
+    if cmd in ("/exit", "/quit"):
+        return True
+    if cmd == "/reset":
+        session.reset()
+        print("[new conversation]")
+    elif cmd == "/think" and arg in ("on", "off"):
+        session.thinking_mode = "thinking" if arg == "on" else "chat"
+        session.reset_state()
+        print(f"[thinking {arg}]")
+    elif cmd == "/save" and arg:
+        session.save(arg)
+        print(f"[saved {len(session.messages)} messages to {arg}]")
+    elif cmd == "/help":
+        print(CHAT_HELP)
+    else:
+        print(f"[unknown command {line!r}; /help lists them]")
+    return False
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dsv4", description="Run DeepSeek V4 from the official checkpoints.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -43,7 +165,49 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-validate", action="store_true", help="skip the tensor-by-tensor check")
     sp.set_defaults(fn=cmd_inspect)
 
-    sp = sub.add_parser("tiny", help="write a small random checkpoint in the official layout (for trying things)")
+    common = argparse.ArgumentParser(add_help=False)
+    g = common.add_argument_group("model")
+    g.add_argument(
+        "--model", type=Path, default=None, help="checkpoint folder (default: the bundled demo model)"
+    )
+    g.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    g.add_argument(
+        "--dtype", default="bf16", choices=["bf16", "fp32", "fp16"], help="compute dtype (default: bf16)"
+    )
+    g.add_argument("--numerics", default="exact", choices=["exact", "released"],
+                   help="exact = transformers' math; released = official FP8 KV / FP4 indexer rounding")  # fmt: skip
+    g = common.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=256)
+    g.add_argument(
+        "--temperature", type=float, default=1.0, help="0 = greedy (default: 1.0, the release's advice)"
+    )
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--speculative", action="store_true", help="MTP speculative decoding (one sequence)")
+
+    sp = sub.add_parser("run", parents=[common], help="generate from a prompt, streaming the text")
+    sp.add_argument("prompt", nargs="?", help="prompt text (default: read stdin)")
+    sp.add_argument("--think", action="store_true", help="chat in thinking mode (reasoning, then the answer)")
+    mode = sp.add_mutually_exclusive_group()
+    mode.add_argument("--chat", action="store_true", help="wrap the prompt as a chat user turn")
+    mode.add_argument(
+        "--raw", action="store_true", help="plain text completion (default for non-V4 vocabularies)"
+    )
+    sp.add_argument("--quiet", action="store_true", help="no statistics line on stderr")
+    sp.set_defaults(fn=cmd_run)
+
+    sp = sub.add_parser("chat", parents=[common], help="interactive chat (/help inside for commands)")
+    sp.add_argument("--think", action="store_true", help="start in thinking mode")
+    sp.add_argument("--system", default=None, help="system prompt")
+    sp.set_defaults(fn=cmd_chat)
+
+    sp = sub.add_parser(
+        "tiny", help="write a small random checkpoint in the official layout (for trying things)"
+    )
     sp.add_argument("out", type=Path, help="folder to write")
     sp.add_argument("--seed", type=int, default=0)
     sp.set_defaults(fn=cmd_tiny)

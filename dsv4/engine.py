@@ -7,30 +7,129 @@ the logits asked for. Generation (sampling, stop rules, speculation) builds on t
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from .checkpoint import Checkpoint
 from .config import ModelConfig
+from .generate import Event, Result, Scheduler, Sequence
 from .model import SeqState, Transformer
+from .sampling import SamplingParams
+
+Prompt = str | list[int] | list[dict[str, Any]]
 
 
 class Engine:
     def __init__(self, model: Transformer, checkpoint: Checkpoint | None = None, tokenizer=None):
         self.model = model
         self.checkpoint = checkpoint
-        self.tokenizer = tokenizer
+        self._tokenizer = tokenizer
 
     @property
     def config(self) -> ModelConfig:
         return self.model.cfg
 
+    @property
+    def tokenizer(self):
+        """The checkpoint's tokenizer.json, else the official V4 tokenizer (loaded on first use)."""
+        if self._tokenizer is None:
+            from .tokenizer import Tokenizer
+
+            self._tokenizer = Tokenizer.from_dir(self.checkpoint.path if self.checkpoint else None)
+        return self._tokenizer
+
+    # ---- prompts ----
+
+    def encode(self, prompt: Prompt, *, thinking_mode: str = "chat", reasoning_effort: str | None = None,
+               tools: list[dict] | None = None) -> list[int]:  # fmt: skip
+        """Token ids of a prompt: ids pass through, text gets BOS, chat messages use the V4 format."""
+        if isinstance(prompt, str):
+            return [self.tokenizer.bos_id, *self.tokenizer.encode(prompt)]
+        if prompt and all(isinstance(m, dict) for m in prompt):
+            from .chat import encode_messages_ids
+
+            messages = list(prompt)
+            if tools:
+                messages = _attach_tools(messages, tools)
+            return encode_messages_ids(
+                self.tokenizer, messages, thinking_mode=thinking_mode, reasoning_effort=reasoning_effort
+            )
+        if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            return list(prompt)
+        raise TypeError("a prompt is text, a list of token ids, or a list of chat messages (dicts)")
+
+    def sequence(self, prompt_ids: list[int], params: SamplingParams, state: SeqState | None = None,
+                 reused: int = 0) -> Sequence:  # fmt: skip
+        """A new in-flight sequence (for the scheduler); `reused` prompt tokens are already in `state`."""
+        tok = self._tokenizer if self._tokenizer is not None else self._try_tokenizer()
+        if params.stop and tok is None:
+            raise ValueError(
+                "stop strings need a tokenizer; this checkpoint has none that fits its vocabulary"
+            )
+        return Sequence(prompt_ids, params, state if state is not None else self.new_state(),
+                        vocab_size=self.config.vocab_size, eos_id=self.config.eos_token_id, tokenizer=tok, reused=reused)  # fmt: skip
+
+    def _try_tokenizer(self):
+        try:
+            tok = self.tokenizer
+        except (OSError, ValueError):
+            return None
+        return tok if tok.vocab_size <= self.config.vocab_size else None
+
+    # ---- generation ----
+
+    def stream(self, prompt: Prompt, *, speculative: bool = False, state: SeqState | None = None, reused: int = 0,
+               thinking_mode: str = "chat", reasoning_effort: str | None = None, tools: list[dict] | None = None,
+               **params: Any) -> Iterator[Event]:  # fmt: skip
+        """Generate for one prompt, yielding an Event per token (text deltas safe to show).
+
+        Chat messages are rendered with thinking_mode / reasoning_effort / tools; `params` are
+        `SamplingParams` fields. `state` + `reused` continue a cached state (sessions).
+        """
+        ids = self.encode(prompt, thinking_mode=thinking_mode, reasoning_effort=reasoning_effort, tools=tools)
+        seq = self.sequence(ids, SamplingParams.of(**params), state, reused)
+        self.last_sequence = seq
+        if speculative:
+            from .speculative import speculative_events
+
+            yield from speculative_events(self, seq)
+            return
+        sched = Scheduler(self)
+        sched.add(seq)
+        yield from sched.run()
+
+    def complete(self, prompt: Prompt, **kwargs: Any) -> Result:
+        """Generate for one prompt; the whole result with its statistics."""
+        for _ in self.stream(prompt, **kwargs):
+            pass
+        return self.last_sequence.result()
+
+    def generate(self, token_ids: list[int] | list[list[int]], **params: Any) -> list[int] | list[list[int]]:
+        """New token ids for one sequence (or for each of several, decoded together in one batch)."""
+        many = bool(token_ids) and isinstance(token_ids[0], list)
+        prompts = token_ids if many else [token_ids]
+        if params.pop("speculative", False) and not many:
+            return self.complete(list(token_ids), speculative=True, **params).token_ids
+        sp = SamplingParams.of(**params)
+        seqs = [self.sequence(list(p), sp) for p in prompts]
+        sched = Scheduler(self, max_running=len(seqs), max_step_tokens=max(256, len(seqs)))
+        for s in seqs:
+            sched.add(s)
+        for _ in sched.run():
+            pass
+        outs = [s.output for s in seqs]
+        return outs if many else outs[0]
+
     def new_state(self) -> SeqState:
         return self.model.new_state()
 
     @torch.inference_mode()
-    def step(self, seqs: list[list[int]], states: list[SeqState], all_logits: bool = False) -> list[torch.Tensor]:
+    def step(
+        self, seqs: list[list[int]], states: list[SeqState], all_logits: bool = False
+    ) -> list[torch.Tensor]:
         """Feed new tokens to each sequence; return per sequence its logits [S, V] (or [1, V], the last)."""
         batch = self.model.make_batch(seqs, states)
         h = self.model(batch, states)
@@ -54,6 +153,13 @@ class Engine:
     def logits(self, token_ids: list[int]) -> torch.Tensor:
         """float32 logits [len(token_ids), vocab] for one sequence from position 0."""
         return self.prefill(list(token_ids), all_logits=True)[0].float()
+
+
+def _attach_tools(messages: list[dict], tools: list[dict]) -> list[dict]:
+    """Tools ride on the system message (a new one first if there is none)."""
+    if messages and messages[0].get("role") == "system":
+        return [{**messages[0], "tools": tools}, *messages[1:]]
+    return [{"role": "system", "content": "", "tools": tools}, *messages]
 
 
 def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | str = torch.bfloat16,

@@ -30,14 +30,27 @@ def parse_numerics(dtype: torch.dtype | str, numerics: str) -> Numerics:
 
 
 def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | str = torch.bfloat16,
-               numerics: str = "exact", expert_provider=None) -> tuple[Transformer, Checkpoint]:  # fmt: skip
-    """Validate the checkpoint against its config, then build the model on `device`."""
+               numerics: str = "exact", expert_provider=None, progress: bool = False) -> tuple[Transformer, Checkpoint]:  # fmt: skip
+    """Validate the checkpoint against its config, then build the model on `device`.
+
+    progress=True draws a bar (stderr) over the layers as they load.
+    """
     cfg = ModelConfig.from_file(path)
     ckpt = Checkpoint(path)
     ckpt.validate(cfg)
     with_mtp = any(n.startswith("mtp.") for n in ckpt.names())
-    with torch.device(device):
-        model = Transformer(cfg, ckpt, parse_numerics(dtype, numerics), expert_provider, with_mtp=with_mtp)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.n_layers, desc="loading layers", unit="layer", leave=False)
+    try:
+        with torch.device(device):
+            model = Transformer(cfg, ckpt, parse_numerics(dtype, numerics), expert_provider, with_mtp=with_mtp,
+                                progress=(lambda i: bar.update(1)) if bar else None)  # fmt: skip
+    finally:
+        if bar is not None:
+            bar.close()
     model.to(device)
     model.eval()
     return model, ckpt

@@ -18,7 +18,7 @@ and the Hadamard-rotated FP4 rounding of the indexer path.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import torch
@@ -69,6 +69,16 @@ class SeqState:
     layers: list[LayerState]
     mtp: list[LayerState] = field(default_factory=list)
     pos: int = 0
+
+    def snapshot(self) -> SeqState:
+        """A copy to roll back to. Cheap: state tensors are replaced on update, never written in place."""
+        def copy_layer(ls: LayerState) -> LayerState:
+            return LayerState(ls.window, *(None if c is None else replace(c) for c in (ls.comp, ls.index)))
+
+        return SeqState([copy_layer(x) for x in self.layers], [copy_layer(x) for x in self.mtp], self.pos)
+
+    def restore(self, snap: SeqState) -> None:
+        self.layers, self.mtp, self.pos = snap.layers, snap.mtp, snap.pos
 
     def nbytes(self) -> int:
         total = 0
@@ -485,16 +495,18 @@ class Transformer(nn.Module):
     """Embedding -> n streams -> blocks -> hc_head -> norm -> head, plus the optional MTP block."""
 
     def __init__(self, cfg: ModelConfig, src: WeightSource, numerics: Numerics = Numerics(),
-                 expert_provider=None, with_mtp: bool = True):  # fmt: skip
+                 expert_provider=None, with_mtp: bool = True, progress=None):  # fmt: skip
         super().__init__()
         self.cfg, self.numerics = cfg, numerics
         dt = numerics.dtype
         self.embed = _param(src.tensor("embed.weight"), dt)
-        self.layers = nn.ModuleList(
-            Block(cfg, src, f"layers.{i}", cfg.compress_ratios[i], cfg.csa_layers[i], cfg.hash_layers[i], numerics,
-                  expert_provider(i) if expert_provider else None)  # fmt: skip
-            for i in range(cfg.n_layers)
-        )
+        self.layers = nn.ModuleList()
+        for i in range(cfg.n_layers):
+            experts = expert_provider(i) if expert_provider else None
+            self.layers.append(Block(cfg, src, f"layers.{i}", cfg.compress_ratios[i], cfg.csa_layers[i],
+                                     cfg.hash_layers[i], numerics, experts))  # fmt: skip
+            if progress is not None:
+                progress(i)
         self.hc_head = HyperHead(cfg, src, "")
         self.norm = _param(src.tensor("norm.weight"), torch.float32)
         self.head = _param(src.tensor("head.weight"), dt)

@@ -50,3 +50,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def token_ids(n: int, vocab: int, seed: int = 1) -> list[int]:
     return [int(x) for x in torch.randint(2, vocab, (n,), generator=torch.Generator().manual_seed(seed))]
+
+
+# The official tokenizer's vocabulary, so text, chat format and stop strings can be exercised.
+CONFIGS["vocab"] = tiny_config(vocab_size=129280, num_hidden_layers=3, compress_ratios=[0, 4, 128, 0], num_hash_layers=1)

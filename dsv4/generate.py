@@ -1,0 +1,241 @@
+"""Generation: sequences, stop rules, streaming text, and the step scheduler that batches them.
+
+A `Sequence` owns one request's state (KV state, sampler, streamed text, stop rules, timings).
+`Scheduler.step()` runs one forward pass for every active sequence at once: decoding sequences feed
+one token, prefilling ones a chunk of their prompt within a token budget (chunked prefill), so new
+requests join without waiting for others to finish (continuous batching). The engine's `generate`
+and the server drive the same scheduler. This module knows no HTTP and no chat format.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from .model import SeqState
+from .sampling import Sampler, SamplingParams, TokenLogprob
+
+_ids = itertools.count(1)
+
+
+@dataclass
+class Event:
+    """One generated token of one sequence (or its end)."""
+
+    seq_id: int
+    token_id: int | None
+    text: str  # new text that is safe to show (held back while it could start a stop string)
+    logprob: TokenLogprob | None = None
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" when this event ends the sequence
+
+
+@dataclass
+class Stats:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    reused_tokens: int = 0  # prompt tokens served from a cached state (sessions)
+    draft_tokens: int = 0  # MTP drafts proposed
+    accepted_tokens: int = 0  # MTP drafts accepted
+
+    @property
+    def prefill_tps(self) -> float:
+        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
+
+    @property
+    def decode_tps(self) -> float:
+        n = self.generated_tokens - 1  # the first token comes out of the prefill
+        return n / self.decode_seconds if self.decode_seconds and n > 0 else 0.0
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else None
+
+
+@dataclass
+class Result:
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    stats: Stats
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+class StopText:
+    """Incremental detokenization with stop strings: emits only text that cannot become a stop."""
+
+    def __init__(self, tokenizer, stops: list[str]):
+        from .tokenizer import StreamDecoder
+
+        self.decoder = StreamDecoder(tokenizer) if tokenizer is not None else None
+        self.stops = stops
+        self.text = ""
+        self.emitted = 0
+
+    def push(self, token_id: int) -> tuple[str, bool]:
+        """Add a token; return (text now safe to emit, whether a stop string was hit)."""
+        if self.decoder is None:
+            return "", False
+        self.text += self.decoder.push(token_id)
+        return self._release(final=False)
+
+    def finish(self) -> str:
+        if self.decoder is not None:
+            self.text += self.decoder.flush()
+        return self._release(final=True)[0]
+
+    def _release(self, final: bool) -> tuple[str, bool]:
+        start = max(self.emitted - max((len(s) for s in self.stops), default=0), 0)
+        hits = [i for s in self.stops if (i := self.text.find(s, start)) >= 0]
+        if hits:
+            self.text = self.text[: min(hits)]
+            out, self.emitted = self.text[self.emitted :], len(self.text)
+            return out, True
+        safe = len(self.text)
+        if not final:  # hold back a tail that is a prefix of some stop string
+            for s in self.stops:
+                for k in range(min(len(s) - 1, len(self.text)), 0, -1):
+                    if self.text.endswith(s[:k]):
+                        safe = min(safe, len(self.text) - k)
+                        break
+        out, self.emitted = self.text[self.emitted : safe], max(self.emitted, safe)
+        return out, False
+
+
+class Sequence:
+    """One request in flight."""
+
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, state: SeqState, *, vocab_size: int,
+                 eos_id: int | None, tokenizer=None, reused: int = 0):  # fmt: skip
+        if not prompt_ids:
+            raise ValueError("the prompt is empty: give at least one token")
+        self.id = next(_ids)
+        self.prompt_ids = list(prompt_ids)
+        self.params = params
+        self.state = state
+        self.pending = self.prompt_ids[reused:]  # tokens still to feed
+        self.output: list[int] = []
+        self.logprobs: list[TokenLogprob] = []
+        self.sampler = Sampler(params, prompt_ids, vocab_size)
+        self.stop_ids = set(params.stop_token_ids) | (
+            {eos_id} if eos_id is not None and not params.ignore_eos else set()
+        )
+        self.text = StopText(tokenizer, params.stop)
+        self.finish_reason: str | None = None
+        self.stats = Stats(prompt_tokens=len(prompt_ids), reused_tokens=reused)
+        self._t0 = time.perf_counter()
+        self._t_first: float | None = None
+
+    @property
+    def prefilling(self) -> bool:
+        return self._t_first is None
+
+    def append(self, token_id: int, logits: torch.Tensor | None) -> Event:
+        """Record a sampled token, apply the stop rules, and return its event."""
+        now = time.perf_counter()
+        if self._t_first is None:
+            self._t_first = now
+            self.stats.prefill_seconds = now - self._t0
+        else:
+            self.stats.decode_seconds = now - self._t_first
+        lp = (
+            self.sampler.logprob(logits, token_id)
+            if self.params.logprobs is not None and logits is not None
+            else None
+        )
+        self.sampler.accept(token_id)
+        if token_id in self.stop_ids:
+            return self._finish(token_id, "stop", lp, include=False, flush=True)
+        self.output.append(token_id)
+        self.stats.generated_tokens = len(self.output)
+        if lp is not None:
+            self.logprobs.append(lp)
+        text, hit = self.text.push(token_id)
+        if hit:  # the text was cut at the stop string: nothing more to flush
+            return self._finish(token_id, "stop", lp, include=True, flush=False, text=text)
+        if len(self.output) >= self.params.max_tokens:
+            return self._finish(token_id, "length", lp, include=True, flush=True, text=text)
+        self.pending = [token_id]
+        return Event(self.id, token_id, text, lp)
+
+    def cancel(self) -> Event:
+        self.pending = []
+        return self._finish(None, "cancelled", None, include=False, flush=True)
+
+    def _finish(self, token_id, reason, lp, include: bool, flush: bool, text: str = "") -> Event:
+        self.finish_reason = reason
+        self.pending = []
+        tail = self.text.finish() if flush else ""
+        return Event(self.id, token_id if include else None, text + tail, lp, reason)
+
+    def result(self) -> Result:
+        return Result(self.output, self.text.text, self.finish_reason or "", self.stats, self.logprobs)
+
+
+class Scheduler:
+    """Runs many sequences together, one forward pass per `step()`.
+
+    `max_step_tokens` bounds the tokens of one step (decode tokens first, then prefill chunks);
+    `max_running` bounds the sequences holding KV state; the rest wait in order.
+    """
+
+    def __init__(self, engine, *, max_step_tokens: int = 256, max_running: int = 16):
+        self.engine = engine
+        self.max_step_tokens = max(1, max_step_tokens)
+        self.max_running = max(1, max_running)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self._lock = threading.Lock()
+
+    def add(self, seq: Sequence) -> None:
+        with self._lock:
+            self.waiting.append(seq)
+
+    def cancel(self, seq_id: int) -> Event | None:
+        with self._lock:
+            for group in (self.running, self.waiting):
+                for s in list(group):
+                    if s.id == seq_id:
+                        group.remove(s)
+                        return s.cancel()
+        return None
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    def step(self) -> list[Event]:
+        """One forward pass over the active sequences; the events it produced."""
+        with self._lock:
+            while self.waiting and len(self.running) < self.max_running:
+                self.running.append(self.waiting.popleft())
+            plan, budget = [], self.max_step_tokens
+            for s in sorted(self.running, key=lambda s: s.prefilling):  # decoders first
+                if budget <= 0:
+                    break
+                n = min(len(s.pending), budget)
+                plan.append((s, s.pending[:n]))
+                budget -= n
+        if not plan:
+            return []
+        logits = self.engine.step([t for _, t in plan], [s.state for s, _ in plan])
+        events = []
+        for (s, fed), lg in zip(plan, logits, strict=True):
+            s.pending = s.pending[len(fed) :]
+            if s.pending:  # prompt not finished: no token yet
+                continue
+            events.append(s.append(s.sampler.sample(lg[-1]), lg[-1]))
+        with self._lock:
+            self.running = [s for s in self.running if s.finish_reason is None]
+        return events
+
+    def run(self) -> Iterator[Event]:
+        while self.busy:
+            yield from self.step()

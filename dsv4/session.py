@@ -1,0 +1,74 @@
+"""A chat that continues from the cached state of its earlier turns.
+
+The session keeps the exact token ids its state holds. A new turn renders the whole conversation in
+the V4 chat format; when the cached ids are a prefix of that rendering (chat mode, and thinking mode
+while earlier reasoning stays in the prompt), only the new suffix is fed. When the rendering drops
+text the state already holds (the release drops earlier reasoning once a new user turn starts), the
+session starts a fresh state rather than answer from a different prompt. Either way the reply is
+what a from-scratch run on the rendered prompt gives.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from .generate import Event, Result
+
+
+class ChatSession:
+    def __init__(self, engine, *, thinking_mode: str = "chat", reasoning_effort: str | None = None,
+                 system: str | None = None, tools: list[dict] | None = None):  # fmt: skip
+        self.engine = engine
+        self.thinking_mode = thinking_mode
+        self.reasoning_effort = reasoning_effort
+        self.tools = tools
+        self.messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
+        self.reset_state()
+
+    def reset_state(self) -> None:
+        self.state = self.engine.new_state()
+        self.cached: list[int] = []  # token ids the state holds
+
+    def reset(self) -> None:
+        """Forget the conversation (keeps the system message)."""
+        self.messages = [m for m in self.messages if m["role"] == "system"]
+        self.reset_state()
+
+    def send(self, content: str, **params: Any) -> Iterator[Event]:
+        """Add a user turn and stream the assistant's reply; the reply joins the history when done."""
+        from .chat import parse_completion
+
+        self.messages.append({"role": "user", "content": content})
+        ids = self.engine.encode(self.messages, thinking_mode=self.thinking_mode,
+                                 reasoning_effort=self.reasoning_effort, tools=self.tools)  # fmt: skip
+        if self.cached and ids[: len(self.cached)] == self.cached and len(ids) > len(self.cached):
+            reused = len(self.cached)
+        else:
+            self.reset_state()
+            reused = 0
+        finished = False
+        try:
+            yield from self.engine.stream(ids, state=self.state, reused=reused, **params)
+            finished = True
+        finally:
+            seq = self.engine.last_sequence
+            # the state holds the first state.pos tokens of prompt + output (a final sampled token, or
+            # the end-of-sentence token, was never fed)
+            self.cached = (ids + seq.output)[: self.state.pos] if finished else []
+            if not self.cached:
+                self.reset_state()
+            self.last_result: Result = seq.result()
+            reply = parse_completion(seq.text.text, thinking_mode=self.thinking_mode)
+            msg: dict[str, Any] = {"role": "assistant", "content": reply.content}
+            if reply.reasoning:
+                msg["reasoning_content"] = reply.reasoning
+            if reply.tool_calls:
+                msg["tool_calls"] = [c.to_openai() for c in reply.tool_calls]
+            self.messages.append(msg)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps({"thinking_mode": self.thinking_mode, "messages": self.messages}, indent=1,
+                                         ensure_ascii=False))  # fmt: skip
