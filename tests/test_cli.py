@@ -1,0 +1,89 @@
+"""The `dsv4` command line, through subprocesses and a pseudo-terminal."""
+
+import subprocess
+import sys
+
+import pexpect
+import pytest
+
+DSV4 = [sys.executable, "-m", "dsv4"]
+
+
+def run(*args, input=None, timeout=120):
+    return subprocess.run([*DSV4, *map(str, args)], capture_output=True, text=True, input=input, timeout=timeout)
+
+
+@pytest.mark.parametrize("cmd", ["run", "chat", "inspect", "tiny"])
+def test_help(cmd):
+    r = run(cmd, "--help")
+    assert r.returncode == 0 and "usage: dsv4" in r.stdout
+
+
+def test_run_streams_text_and_reports_speed(tiny_ckpt):
+    r = run("run", "--model", tiny_ckpt("vocab").path, "--raw", "--temperature", "0", "--max-tokens", "6", "Hello")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("Hello") and len(r.stdout) > len("Hello\n")
+    assert "6 generated" in r.stderr and "decode" in r.stderr and "tok/s" in r.stderr
+
+
+def test_run_reads_stdin_and_is_deterministic_with_a_seed(tiny_ckpt):
+    args = ("run", "--model", tiny_ckpt("vocab").path, "--max-tokens", "8", "--seed", "3", "--quiet")
+    a, b = run(*args, input="Tell me"), run(*args, input="Tell me")
+    assert a.returncode == 0 and a.stdout == b.stdout and a.stderr.strip() == ""
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--model", "/no/such/dir", "hi"], "no config.json"),
+        (["--temperature", "-1", "hi"], "temperature must be"),
+        (["--max-tokens", "0", "hi"], "max_tokens must be"),
+    ],
+)
+def test_run_bad_input_is_one_line(tiny_ckpt, args, message):
+    if "--model" not in args:
+        args = ["--model", str(tiny_ckpt("vocab").path), *args]
+    r = run("run", *args)
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dsv4 run: error:") and message in lines[0]
+
+
+def test_inspect(tiny_ckpt):
+    r = run("inspect", "--model", tiny_ckpt("flash").path)
+    assert r.returncode == 0
+    assert "4 layers" in r.stdout and "MXFP4" in r.stdout and "active per token" in r.stdout and "[SCHC]" in r.stdout
+
+
+def test_chat_in_a_terminal(tiny_ckpt, tmp_path):
+    """History, /save, /reset, and Ctrl-C stopping a reply without leaving."""
+    model = tiny_ckpt("vocab").path
+    child = pexpect.spawn(DSV4[0], [*DSV4[1:], "chat", "--model", str(model), "--temperature", "0", "--max-tokens", "8"],
+                          encoding="utf-8", timeout=120)  # fmt: skip
+    child.expect(">>> ")
+    child.sendline("Hello")
+    child.expect(">>> ")
+    child.sendline("/save " + str(tmp_path / "chat.json"))
+    child.expect(r"saved 2 messages")
+    child.sendline("/reset")
+    child.expect(r"new conversation")
+    child.sendline("/max")  # unknown command
+    child.expect("unknown command")
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
+    saved = (tmp_path / "chat.json").read_text()
+    assert '"role": "user"' in saved and '"role": "assistant"' in saved
+
+
+def test_chat_ctrl_c_stops_the_reply(tiny_ckpt):
+    model = tiny_ckpt("vocab").path
+    child = pexpect.spawn(DSV4[0], [*DSV4[1:], "chat", "--model", str(model), "--max-tokens", "100000"],
+                          encoding="utf-8", timeout=120)  # fmt: skip
+    child.expect(">>> ")
+    child.sendline("Write forever")
+    child.expect(r"\S{3}")  # the reply has started
+    child.sendintr()
+    child.expect(r"\[stopped\]")
+    child.expect(">>> ")  # still in the chat
+    child.sendeof()
+    child.expect(pexpect.EOF)
