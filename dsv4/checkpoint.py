@@ -46,6 +46,7 @@ class Entry:
     shape: tuple[int, ...]
     dtype: torch.dtype
     select: Callable | None = None  # slice of a fused tensor (transformers experts)
+    sub: tuple[int, int] | None = None  # (byte offset, byte length) of that slice inside the stored tensor
 
 
 # transformers name -> official name, applied to the part after `model.layers.N.`
@@ -116,6 +117,7 @@ class Checkpoint:
             raise FileNotFoundError(f"checkpoint folder {self.path} does not exist")
         self.entries: dict[str, Entry] = {}
         self._handles: dict[Path, object] = {}
+        self._offsets: dict[Path, dict[str, tuple[int, int]]] = {}
         for file, names in self._files().items():
             if not file.exists():
                 raise CheckpointError(f"the index lists shard {file.name}, which is missing from {self.path}")
@@ -166,14 +168,19 @@ class Checkpoint:
         if len(shape) != 3:
             raise CheckpointError(f"fused expert tensor {stored!r} in {file.name} must be 3-D, found {list(shape)}")
         n_exp, rows, cols = shape
+        row_bytes = cols * dtype.itemsize
+
+        def part(e: int, lo: int, hi: int) -> Entry:
+            sub = ((e * rows + lo) * row_bytes, (hi - lo) * row_bytes)
+            return Entry(file, stored, (hi - lo, cols), dtype, _pick(e, lo, hi), sub)
+
         for e in range(n_exp):
             prefix = f"layers.{layer}.ffn.experts.{e}"
             if kind == "down_proj":
-                self.entries[f"{prefix}.w2.weight"] = Entry(file, stored, (rows, cols), dtype, _pick(e, 0, rows))
+                self.entries[f"{prefix}.w2.weight"] = part(e, 0, rows)
             else:
-                half = rows // 2
-                self.entries[f"{prefix}.w1.weight"] = Entry(file, stored, (half, cols), dtype, _pick(e, 0, half))
-                self.entries[f"{prefix}.w3.weight"] = Entry(file, stored, (half, cols), dtype, _pick(e, half, rows))
+                self.entries[f"{prefix}.w1.weight"] = part(e, 0, rows // 2)
+                self.entries[f"{prefix}.w3.weight"] = part(e, rows // 2, rows)
 
     # ---- reading ----
 
@@ -204,6 +211,20 @@ class Checkpoint:
             return MXFP4(w.view(torch.int8), self.tensor(scale_name))
         return Dense(w.to(dtype))
 
+    def location(self, name: str) -> tuple[Path, int, int]:
+        """(file, absolute byte offset, byte length) of a tensor's data, for direct reads."""
+        e = self.entries[name]
+        if e.file not in self._offsets:
+            self._offsets[e.file] = _data_offsets(e.file)
+        start, end = self._offsets[e.file][e.stored]
+        if e.sub is not None:
+            return e.file, start + e.sub[0], e.sub[1]
+        return e.file, start, end - start
+
+    def close(self) -> None:
+        """Drop the memory maps (their touched pages count as resident memory); reads reopen them."""
+        self._handles.clear()
+
     def nbytes(self, name: str) -> int:
         e = self.entries[name]
         n = 1
@@ -228,6 +249,15 @@ class Checkpoint:
                     f"unexpected tensor {name!r} (stored as {e.stored!r} in {e.file.name}, shape {list(e.shape)}): "
                     f"the config ({cfg.n_layers} layers, {cfg.n_routed_experts} experts) does not use it"
                 )
+
+
+def _data_offsets(file: Path) -> dict[str, tuple[int, int]]:
+    """Absolute [start, end) byte ranges of every tensor in a safetensors file, from its header."""
+    with open(file, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    base = 8 + n
+    return {k: (base + v["data_offsets"][0], base + v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"}
 
 
 def _pick(e: int, lo: int, hi: int) -> Callable:

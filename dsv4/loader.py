@@ -12,6 +12,8 @@ import torch
 
 from .checkpoint import Checkpoint
 from .config import ModelConfig
+from .experts import ExpertStore, attach
+from .memory import parse_size, rss_bytes
 from .model import Numerics, Transformer
 
 NUMERICS = ("exact", "released")
@@ -30,14 +32,35 @@ def parse_numerics(dtype: torch.dtype | str, numerics: str) -> Numerics:
 
 
 def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | str = torch.bfloat16,
-               numerics: str = "exact", expert_provider=None, progress: bool = False) -> tuple[Transformer, Checkpoint]:  # fmt: skip
+               numerics: str = "exact", max_ram: str | int | None = None, max_vram: str | int | None = None,
+               cache_policy: str = "lfu", progress: bool = False) -> tuple[Transformer, Checkpoint]:  # fmt: skip
     """Validate the checkpoint against its config, then build the model on `device`.
 
-    progress=True draws a bar (stderr) over the layers as they load.
+    Without budgets every routed expert is loaded into memory. With `max_ram` (bytes or "12G") the
+    experts are served by an `ExpertStore`: whatever the dense weights, KV and runtime leave of the
+    budget caches experts, the rest is read from the checkpoint files on demand. `max_vram` adds a
+    GPU-memory tier in front when `device` is CUDA. progress=True draws a bar (stderr) over the layers.
     """
     cfg = ModelConfig.from_file(path)
     ckpt = Checkpoint(path)
     ckpt.validate(cfg)
+    device = torch.device(device)
+    ram, vram = parse_size(max_ram), parse_size(max_vram)
+    store = None
+    if ram is not None or vram is not None:
+        store = ExpertStore(ckpt, budget_bytes=0, dtype=parse_numerics(dtype, numerics).dtype, policy=cache_policy)
+        if device.type == "cuda":
+            store = ExpertStore(ckpt, budget_bytes=vram or 0, device=device, policy=cache_policy, lower=store)
+    model = _build(cfg, ckpt, device, parse_numerics(dtype, numerics), store, progress)
+    ckpt.close()  # unmap the shards: touched file pages would otherwise count as resident memory
+    if store is not None:
+        _size_ram_tier(store, ram, cfg)
+        attach(model, store)
+    model.store = store
+    return model, ckpt
+
+
+def _build(cfg, ckpt, device, numerics, store, progress) -> Transformer:
     with_mtp = any(n.startswith("mtp.") for n in ckpt.names())
     bar = None
     if progress:
@@ -46,11 +69,31 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: t
         bar = tqdm(total=cfg.n_layers, desc="loading layers", unit="layer", leave=False)
     try:
         with torch.device(device):
-            model = Transformer(cfg, ckpt, parse_numerics(dtype, numerics), expert_provider, with_mtp=with_mtp,
+            model = Transformer(cfg, ckpt, numerics, store.layer if store else None, with_mtp=with_mtp,
                                 progress=(lambda i: bar.update(1)) if bar else None)  # fmt: skip
     finally:
         if bar is not None:
             bar.close()
     model.to(device)
     model.eval()
-    return model, ckpt
+    return model
+
+
+def _size_ram_tier(store: ExpertStore, ram: int | None, cfg: ModelConfig) -> None:
+    """Give the RAM tier what the budget leaves after the process as loaded (runtime, dense weights),
+    minus a reserve for activations and KV state; refuse a budget that cannot hold one layer's experts."""
+    ram_tier = store.lower if store.lower is not None else store
+    one = ram_tier.expert_bytes("layers.0.ffn.experts", 0)
+    if ram is None:
+        ram_tier.budget_bytes = 1 << 62  # no RAM limit: cache everything that gets read
+        return
+    reserve = max(64 << 20, ram // 20)
+    left = ram - rss_bytes() - reserve
+    need = 2 * cfg.n_activated_experts * one
+    if left < need:
+        raise ValueError(
+            f"--max-ram {ram / 2**30:.2f} GiB is too small: the process already uses {rss_bytes() / 2**30:.2f} GiB "
+            f"with the dense weights loaded, and the expert cache needs at least {need / 2**20:.0f} MiB more "
+            f"(two layers' active experts) plus a {reserve / 2**20:.0f} MiB reserve"
+        )
+    ram_tier.budget_bytes = left

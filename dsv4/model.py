@@ -434,6 +434,9 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         weights, ids = self.route(x, tokens)
+        prefetch_next = getattr(self.experts, "prefetch_next", None)
+        if prefetch_next is not None:  # start reading the next layer's likely experts while this one computes
+            prefetch_next(x, tokens)
         y = ops.expert_mlp(x, *self.shared.weights(), self.limit).float()
         used = torch.unique(ids).tolist()
         for e, (w1, w2, w3) in self.experts.get(used).items():
@@ -470,7 +473,7 @@ class MTPBlock(nn.Module):
     """Multi-token prediction: from the main model's last streams at t and the token at t+1, a block
     of its own drafts the token at t+2. Shares `embed` and `head` with the main model."""
 
-    def __init__(self, cfg: ModelConfig, src: WeightSource, p: str, numerics: Numerics):
+    def __init__(self, cfg: ModelConfig, src: WeightSource, p: str, numerics: Numerics, experts=None):
         super().__init__()
         dt = numerics.dtype
         self.e_proj = Linear(src.weight(f"{p}.e_proj", dt))
@@ -479,7 +482,7 @@ class MTPBlock(nn.Module):
         self.hnorm = _param(src.tensor(f"{p}.hnorm.weight"), torch.float32)
         self.norm = _param(src.tensor(f"{p}.norm.weight"), torch.float32)
         ratio = cfg.mtp_compress_ratio
-        self.block = Block(cfg, src, p, ratio, ratio == 4, False, numerics)
+        self.block = Block(cfg, src, p, ratio, ratio == 4, False, numerics, experts)
         self.hc_head = HyperHead(cfg, src, f"{p}.")
         self.eps = cfg.norm_eps
 
@@ -502,7 +505,7 @@ class Transformer(nn.Module):
         self.embed = _param(src.tensor("embed.weight"), dt)
         self.layers = nn.ModuleList()
         for i in range(cfg.n_layers):
-            experts = expert_provider(i) if expert_provider else None
+            experts = expert_provider(f"layers.{i}.ffn.experts") if expert_provider else None
             self.layers.append(Block(cfg, src, f"layers.{i}", cfg.compress_ratios[i], cfg.csa_layers[i],
                                      cfg.hash_layers[i], numerics, experts))  # fmt: skip
             if progress is not None:
@@ -510,7 +513,10 @@ class Transformer(nn.Module):
         self.hc_head = HyperHead(cfg, src, "")
         self.norm = _param(src.tensor("norm.weight"), torch.float32)
         self.head = _param(src.tensor("head.weight"), dt)
-        self.mtp = nn.ModuleList(MTPBlock(cfg, src, f"mtp.{j}", numerics) for j in range(cfg.n_mtp_layers if with_mtp else 0))
+        self.mtp = nn.ModuleList(
+            MTPBlock(cfg, src, f"mtp.{j}", numerics, expert_provider(f"mtp.{j}.ffn.experts") if expert_provider else None)
+            for j in range(cfg.n_mtp_layers if with_mtp else 0)
+        )
         rd = cfg.rope_head_dim
         self.ropes = {
             "main": Rope(rd, cfg.rope_theta),

@@ -81,7 +81,8 @@ def test_chat_ctrl_c_stops_the_reply(tiny_ckpt):
                           encoding="utf-8", timeout=120)  # fmt: skip
     child.expect(">>> ")
     child.sendline("Write forever")
-    child.expect(r"\S{3}")  # the reply has started
+    child.expect_exact("Write forever\r\n")  # the terminal's echo of the line
+    child.expect(r"\S{3}")  # then the reply has started
     child.sendintr()
     child.expect(r"\[stopped\]")
     child.expect(">>> ")  # still in the chat

@@ -1,0 +1,312 @@
+"""The expert store: routed experts served from tiers (GPU memory, RAM, the checkpoint files on disk).
+
+The MoE asks its layer's `LayerExperts` for "experts [ids]"; it does not know where they live. Misses
+are read straight from the released safetensors shards with positioned reads on a pool of threads
+(no conversion step), and the pages are released from the OS page cache afterwards
+(`posix_fadvise(DONTNEED)`), so the RAM budget is real and disk figures are honest. Cached experts are
+kept under a byte budget by a replacement policy (LRU, or frequency-aware LFU with aging). Prefetch:
+hash layers know their experts from the token ids and routed layers can be guessed by applying the
+next layer's router early to the current hidden state; such reads start on background threads while
+the current layer computes.
+
+It knows the checkpoint's tensor names and formats, not the model math (beyond calling a router).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from .checkpoint import Checkpoint
+from .quant import MXFP4, Dense, FP8Block, Weight
+
+ExpertWeights = tuple[Weight, Weight, Weight]  # w1, w2, w3
+Key = tuple[str, int]  # (layer prefix "layers.7.ffn.experts", expert id)
+
+
+@dataclass
+class StoreStats:
+    hits: int = 0
+    misses: int = 0
+    prefetched: int = 0  # reads started ahead of need
+    prefetch_used: int = 0  # requests served by a read that a prefetch had started
+    bytes_read: int = 0
+    read_seconds: float = 0.0
+    evictions: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        total = self.hits + self.misses
+        return self.hits / total if total else 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        d["hit_rate"] = self.hit_rate
+        return d
+
+
+class LRU:
+    """Least recently used first out."""
+
+    def __init__(self):
+        self.order: OrderedDict[Key, None] = OrderedDict()
+
+    def touch(self, key: Key) -> None:
+        self.order[key] = None
+        self.order.move_to_end(key)
+
+    def remove(self, key: Key) -> None:
+        self.order.pop(key, None)
+
+    def victim(self, protect: set[Key]) -> Key | None:
+        return next((k for k in self.order if k not in protect), None)
+
+
+class LFU:
+    """Frequency-aware: evict the least used, counts halved every `period` touches so the past fades;
+    ties go to the least recently used."""
+
+    def __init__(self, period: int = 4096):
+        self.count: dict[Key, float] = {}
+        self.lru = LRU()
+        self.period, self.ticks = period, 0
+
+    def touch(self, key: Key) -> None:
+        self.count[key] = self.count.get(key, 0.0) + 1.0
+        self.lru.touch(key)
+        self.ticks += 1
+        if self.ticks % self.period == 0:
+            self.count = {k: v / 2 for k, v in self.count.items()}
+
+    def remove(self, key: Key) -> None:
+        self.lru.remove(key)  # the count stays: a re-read expert remembers its history
+
+    def victim(self, protect: set[Key]) -> Key | None:
+        best, best_n = None, None
+        for k in self.lru.order:  # oldest first, so the first minimum is also the least recent
+            if k in protect:
+                continue
+            n = self.count.get(k, 0.0)
+            if best_n is None or n < best_n:
+                best, best_n = k, n
+        return best
+
+
+POLICIES = {"lru": LRU, "lfu": LFU}
+
+
+@dataclass
+class _Slot:
+    weights: ExpertWeights
+    nbytes: int
+
+
+@dataclass
+class ExpertStore:
+    """All routed experts of a checkpoint, cached in RAM under `budget_bytes`, read from disk on a miss.
+
+    `device`: where experts are computed; with a CUDA device the cache lives in GPU memory.
+    """
+
+    ckpt: Checkpoint
+    budget_bytes: int
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dtype: torch.dtype = torch.bfloat16  # for experts stored as plain floats
+    policy: str = "lfu"
+    workers: int = 4
+    release_page_cache: bool = True
+    lower: ExpertStore | None = None  # a slower tier to read misses from (RAM under GPU memory); else disk
+    stats: StoreStats = field(default_factory=StoreStats)
+
+    def __post_init__(self):
+        if self.policy not in POLICIES:
+            raise ValueError(f"unknown cache policy {self.policy!r}; use one of {sorted(POLICIES)}")
+        self._policy = POLICIES[self.policy]()
+        self._cache: dict[Key, _Slot] = {}
+        self._inflight: dict[Key, Future] = {}
+        self._prefetching: set[Key] = set()
+        self._used = 0
+        self._lock = threading.RLock()  # RLock: a read may finish and call back while we hold it
+        self._pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="dsv4-expert-read")
+        self._fds: dict[str, int] = {}
+
+    # ---- public ----
+
+    def expert_bytes(self, prefix: str, e: int) -> int:
+        return sum(self.ckpt.location(n)[2] for n in self._names(prefix, e))
+
+    @property
+    def used_bytes(self) -> int:
+        return self._used
+
+    def layer(self, prefix: str) -> LayerExperts:
+        return LayerExperts(self, prefix)
+
+    def get(self, prefix: str, ids: list[int]) -> dict[int, ExpertWeights]:
+        """The experts `ids` of a layer; missing ones are read in parallel, then cached."""
+        keys = [(prefix, e) for e in ids]
+        futures, out = {}, {}
+        with self._lock:
+            for k in keys:
+                if k in self._cache:
+                    self.stats.hits += 1
+                    self._policy.touch(k)
+                    out[k[1]] = self._cache[k].weights
+                else:
+                    self.stats.misses += 1
+                    if k in self._prefetching:
+                        self.stats.prefetch_used += 1
+                    futures[k] = self._start_read(k)
+        for k, fut in futures.items():
+            out[k[1]] = fut.result()
+        self._admit({k: out[k[1]] for k in futures}, protect=set(keys))
+        return out
+
+    def prefetch(self, prefix: str, ids: list[int]) -> None:
+        """Start reading experts that will be needed soon (no-op for cached or in-flight ones)."""
+        with self._lock:
+            for e in ids:
+                k = (prefix, e)
+                if k not in self._cache and k not in self._inflight:
+                    self._prefetching.add(k)
+                    self.stats.prefetched += 1
+                    self._start_read(k)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    # ---- internals ----
+
+    @staticmethod
+    def _names(prefix: str, e: int) -> list[str]:
+        return [f"{prefix}.{e}.{w}.{part}" for w in ("w1", "w2", "w3") for part in ("weight", "scale")]
+
+    def _start_read(self, key: Key) -> Future:
+        """Caller holds the lock."""
+        fut = self._inflight.get(key)
+        if fut is None:
+            fut = self._pool.submit(self._read, key)
+            self._inflight[key] = fut
+            fut.add_done_callback(lambda f, k=key: self._on_read(k, f))
+        return fut
+
+    def _on_read(self, key: Key, fut: Future) -> None:
+        with self._lock:
+            self._inflight.pop(key, None)
+        if key in self._prefetching and fut.exception() is None:
+            self._admit({key: fut.result()}, protect=set())
+            with self._lock:
+                self._prefetching.discard(key)
+
+    def _admit(self, new: dict[Key, ExpertWeights], protect: set[Key]) -> None:
+        with self._lock:
+            for k, w in new.items():
+                if k in self._cache:
+                    continue
+                size = sum(x.nbytes for x in w)
+                while self._used + size > self.budget_bytes:
+                    victim = self._policy.victim(protect | {k})
+                    if victim is None:
+                        break
+                    self._used -= self._cache.pop(victim).nbytes
+                    self._policy.remove(victim)
+                    self.stats.evictions += 1
+                if self._used + size > self.budget_bytes:
+                    continue  # does not fit even alone: serve it uncached
+                self._cache[k] = _Slot(w, size)
+                self._used += size
+                self._policy.touch(k)
+
+    def _fd(self, path) -> int:
+        p = str(path)
+        if p not in self._fds:
+            self._fds[p] = os.open(p, os.O_RDONLY)
+        return self._fds[p]
+
+    def _read_tensor(self, name: str) -> torch.Tensor:
+        file, offset, length = self.ckpt.location(name)
+        fd = self._fd(file)
+        buf = bytearray(length)
+        view, done = memoryview(buf), 0
+        while done < length:
+            n = os.preadv(fd, [view[done:]], offset + done)
+            if n <= 0:
+                raise OSError(f"short read of {name} from {file} at byte {offset + done}")
+            done += n
+        if self.release_page_cache and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+        entry = self.ckpt.entries[name]
+        t = torch.frombuffer(buf, dtype=torch.uint8) if length else torch.empty(0, dtype=torch.uint8)
+        return t.view(entry.dtype).reshape(entry.shape)
+
+    def _read(self, key: Key) -> ExpertWeights:
+        import time
+
+        t0 = time.perf_counter()
+        prefix, e = key
+        if self.lower is not None:
+            got = self.lower.get(prefix, [e])[e]
+            return tuple(_to_device(w, self.device) for w in got)
+        out = []
+        nbytes = 0
+        for w in ("w1", "w2", "w3"):
+            name = f"{prefix}.{e}.{w}.weight"
+            t = self._read_tensor(name)
+            nbytes += t.numel() * t.element_size()
+            if t.dtype == torch.float8_e4m3fn or t.dtype in (torch.int8, torch.uint8):
+                s = self._read_tensor(f"{prefix}.{e}.{w}.scale")
+                nbytes += s.numel() * s.element_size()
+                fmt = FP8Block(t, s) if t.dtype == torch.float8_e4m3fn else MXFP4(t.view(torch.int8), s)
+            else:
+                fmt = Dense(t.to(self.dtype))
+            out.append(_to_device(fmt, self.device))
+        with self._lock:
+            self.stats.bytes_read += nbytes
+            self.stats.read_seconds += time.perf_counter() - t0
+        return tuple(out)
+
+
+def _to_device(w: Weight, device: torch.device) -> Weight:
+    if device.type == "cpu":
+        return w
+    if isinstance(w, Dense):
+        return Dense(w.weight.to(device, non_blocking=True))
+    return type(w)(w.weight.to(device, non_blocking=True), w.scale.to(device, non_blocking=True))
+
+
+class LayerExperts:
+    """One layer's view of the store: the provider interface the MoE calls."""
+
+    def __init__(self, store: ExpertStore, prefix: str):
+        self.store, self.prefix = store, prefix
+        self.next_router = None  # the next layer's MoE (for early routing), wired by `attach`
+
+    def get(self, ids: list[int]) -> dict[int, ExpertWeights]:
+        return self.store.get(self.prefix, ids)
+
+    def prefetch(self, ids: list[int]) -> None:
+        self.store.prefetch(self.prefix, ids)
+
+    def prefetch_next(self, x: torch.Tensor, tokens: torch.Tensor) -> None:
+        """Guess the next layer's experts from this layer's input (exact for hash layers) and prefetch."""
+        nxt = self.next_router
+        if nxt is None:
+            return
+        _, ids = nxt.route(x, tokens)
+        nxt.experts.prefetch(torch.unique(ids).tolist())
+
+
+def attach(model, store: ExpertStore) -> None:
+    """Wire each layer's LayerExperts to the next layer's router, for early-routing prefetch."""
+    layers = list(model.layers)
+    for cur, nxt in zip(layers, layers[1:], strict=False):
+        if isinstance(cur.ffn.experts, LayerExperts) and isinstance(nxt.ffn.experts, LayerExperts):
+            cur.ffn.experts.next_router = nxt.ffn
