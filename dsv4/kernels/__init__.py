@@ -13,17 +13,15 @@ This module knows the weight formats only; which layer uses which format is `dsv
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import platform
 import threading
+import warnings
 from pathlib import Path
 
 import torch
 
 from ..quant import dequant_fp8_block, dequant_mxfp4
-
-log = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 _CFLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17"]
@@ -39,7 +37,7 @@ _ext = None  # the compiled module once built; False once it is known to be unus
 
 
 def backend() -> str:
-    """"compiled" or "torch": what the next call will use (`DSV4_KERNELS=torch` forces torch)."""
+    """ "compiled" or "torch": what the next call will use (`DSV4_KERNELS=torch` forces torch)."""
     return "compiled" if available() else "torch"
 
 
@@ -79,7 +77,11 @@ def _load():
 
 def _build():
     if torch.backends.cpu.get_cpu_capability() != "AVX512" or "avx512bw" not in _cpu_flags():
-        log.warning("dsv4.kernels: CPU without AVX-512, using the plain-torch fallback")
+        warnings.warn(
+            "dsv4.kernels: no AVX-512 on this CPU, using the plain-torch fallback",
+            RuntimeWarning,
+            stacklevel=4,
+        )
         return None
     try:
         from torch.utils.cpp_extension import load
@@ -94,8 +96,13 @@ def _build():
             build_directory=str(build),
             verbose=False,
         )
-    except Exception as e:  # a missing compiler or ninja must not stop the engine
-        log.warning("dsv4.kernels: build failed (%s), using the plain-torch fallback", e)
+    except Exception as e:  # no compiler, no ninja, a broken cache: the engine still runs
+        warnings.warn(
+            f"dsv4.kernels: building the CPU kernels failed ({type(e).__name__}: {str(e)[:500]}), "
+            "using the plain-torch fallback (pip install ninja and a C++ compiler to build them)",
+            RuntimeWarning,
+            stacklevel=4,
+        )
         return None
 
 

@@ -27,6 +27,9 @@ constexpr int64_t kMxChunk = 128;  // e2m1 codes in one 64-byte load
 constexpr int64_t kF8Chunk = 64;   // e4m3 values in one 64-byte load
 constexpr int64_t kTileRows = 16;  // weight rows per work item; divides the 128-row FP8 block
 constexpr int64_t kGroup = 4;      // x rows sharing one expansion of the weight codes
+#ifndef DSV4_PF_HINT
+#define DSV4_PF_HINT _MM_HINT_T0
+#endif
 #ifndef DSV4_PREFETCH
 #define DSV4_PREFETCH 1024
 #endif
@@ -48,31 +51,29 @@ inline int64_t mx_src(int64_t p) { return 8 * (p % 16) + p / 16; }
 // in two halves: quarter q holds inputs (q&1)*32 + 2d + (q>>1).
 inline int64_t f8_src(int64_t p) { return (p / 16 & 1) * 32 + 2 * (p % 16) + (p / 32); }
 
-// x [M, in] (fp32 or bf16) -> fp32 [M, nchunks*chunk] in the permuted order, zero-padded past `in`.
-template <int64_t Chunk, int64_t (*Src)(int64_t), class T>
-void permute_rows(const T* x, int64_t M, int64_t in, int64_t kp, float* xp) {
-  int64_t idx[Chunk];
-  for (int64_t p = 0; p < Chunk; ++p) idx[p] = Src(p);
-  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m) {
-      const T* src = x + m * in;
-      float* dst = xp + m * kp;
-      for (int64_t c = 0; c < kp; c += Chunk)
-        for (int64_t p = 0; p < Chunk; ++p)
-          dst[c + p] = c + idx[p] < in ? static_cast<float>(src[c + idx[p]]) : 0.f;
-    }
-  });
-}
-
+// x [M, in] fp32 -> [M, nchunks*chunk] in the permuted order, zero-padded past `in`.
+// Full chunks gather 16 inputs per vector; the scalar loop only does the tail chunk.
 template <int64_t Chunk, int64_t (*Src)(int64_t)>
 torch::Tensor permute_x(const torch::Tensor& x) {
   const int64_t M = x.size(0), in = x.size(1), kp = ceil_div(in, Chunk) * Chunk;
-  auto xp = torch::empty({M, kp}, x.options().dtype(torch::kFloat));
-  if (x.scalar_type() == torch::kBFloat16)
-    permute_rows<Chunk, Src>(x.data_ptr<at::BFloat16>(), M, in, kp, xp.data_ptr<float>());
-  else
-    permute_rows<Chunk, Src>(x.data_ptr<float>(), M, in, kp, xp.data_ptr<float>());
-  return xp;
+  auto out = torch::empty({M, kp}, x.options());
+  const float* xs = x.data_ptr<float>();
+  float* xp = out.data_ptr<float>();
+  alignas(64) int32_t idx[Chunk];
+  for (int64_t p = 0; p < Chunk; ++p) idx[p] = static_cast<int32_t>(Src(p));
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      const float* src = xs + m * in;
+      float* dst = xp + m * kp;
+      int64_t c = 0;
+      for (; c + Chunk <= in; c += Chunk)
+        for (int64_t v = 0; v < Chunk; v += 16)
+          _mm512_storeu_ps(dst + c + v, _mm512_i32gather_ps(_mm512_load_si512(idx + v), src + c, 4));
+      for (; c < kp; c += Chunk)
+        for (int64_t p = 0; p < Chunk; ++p) dst[c + p] = c + idx[p] < in ? src[c + idx[p]] : 0.f;
+    }
+  });
+  return out;
 }
 
 // ---- MXFP4 ---------------------------------------------------------------------------------
@@ -150,7 +151,7 @@ inline void mx_row(const uint8_t* w, const uint8_t* s, int64_t in, const float* 
   // Groups of 4 full chunks share one 16-byte scale load.
   for (; c + 4 <= nfull; c += 4) {
     const uint8_t* wc = w + c * 64;
-    for (int i = 0; i < 4; ++i) _mm_prefetch(reinterpret_cast<const char*>(wc + kPrefetch + 64 * i), _MM_HINT_T0);
+    for (int i = 0; i < 4; ++i) _mm_prefetch(reinterpret_cast<const char*>(wc + kPrefetch + 64 * i), DSV4_PF_HINT);
     __m512 sc[4];
     mx_scales4(s + c * 4, sc);
     for (int i = 0; i < 4; ++i)
@@ -217,7 +218,7 @@ inline void f8_row(const uint8_t* w, int64_t in, const float* xs, int64_t ldx, f
     for (int q = 0; q < 4; ++q) acc[m][q] = _mm512_setzero_ps();
   const int64_t nch = ceil_div(in, kF8Chunk);
   for (int64_t c = 0; c < nch; ++c) {
-    _mm_prefetch(reinterpret_cast<const char*>(w + c * kF8Chunk + kPrefetch), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(w + c * kF8Chunk + kPrefetch), DSV4_PF_HINT);
     __m512 f[4];
     e4m3_expand(f8_load(w, in, c), f);
     const float* xc = xs + c * kF8Chunk;
@@ -301,14 +302,14 @@ torch::Tensor dequant_mm(const torch::Tensor& xp, int64_t out_f, DequantFn&& deq
   return y;
 }
 
-// x [..., in] fp32/bf16 -> contiguous [M, in]; the checks repeat the Python wrapper's for safety.
+// x [..., in] fp32/bf16 -> contiguous fp32 [M, in]; the checks repeat the Python wrapper's for safety.
 torch::Tensor rows_of(const torch::Tensor& x, int64_t in) {
   TORCH_CHECK(x.device().is_cpu(), "dsv4 cpu kernels: x must be on the CPU, got ", x.device());
   TORCH_CHECK(x.scalar_type() == torch::kFloat || x.scalar_type() == torch::kBFloat16,
               "dsv4 cpu kernels: x must be float32 or bfloat16, got ", x.scalar_type());
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == in, "dsv4 cpu kernels: x has ", x.size(-1),
               " input features, the weight expects ", in);
-  return x.reshape({-1, in}).contiguous();
+  return x.reshape({-1, in}).to(torch::kFloat).contiguous();
 }
 
 // y fp32 [M, out] -> [..., out] in x's dtype.

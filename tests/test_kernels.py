@@ -1,0 +1,184 @@
+"""The quantized-weight matmuls: fallback against the `dsv4.quant` reference, compiled against fallback.
+
+Errors are measured against the bound of fp32 summation, `|x| @ |W|.T`, so rows with extreme scales
+or cancelling sums are judged fairly. The compiled kernels build once per session (~30 s the first
+time, cached in ~/.cache/dsv4/kernels); their tests skip where `available()` is False.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dsv4 import kernels
+from dsv4.quant import dequant_fp8_block, dequant_mxfp4, quantize_fp8_block, quantize_mxfp4
+
+TOL = 1e-5
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> float:
+    bound = x.float().abs().reshape(-1, x.shape[-1]) @ w.abs().T
+    diff = (y.float() - ref.float()).reshape(bound.shape).abs()
+    return (diff / bound.clamp_min(torch.finfo(torch.float32).tiny)).max().item()
+
+
+def mx_weight(out_f: int, in_f: int, seed: int = 0, extreme: bool = False):
+    g = torch.Generator().manual_seed(seed)
+    q, s = quantize_mxfp4(torch.randn(out_f, in_f, generator=g))
+    if extreme:  # every e8m0 byte from 0 (2^-127, a denormal) to 250 (2^123), in every row
+        b = torch.randint(0, 251, s.shape, generator=g, dtype=torch.int32)
+        b[:, 0] = 0
+        s = b.to(torch.uint8).view(torch.float8_e8m0fnu)
+    return q, s
+
+
+def f8_weight(out_f: int, in_f: int, seed: int = 0, scale: str = "e8m0"):
+    g = torch.Generator().manual_seed(seed)
+    q, s = quantize_fp8_block(torch.randn(out_f, in_f, generator=g))
+    if scale == "fp32":
+        s = torch.rand(s.shape, generator=g) * 0.01 + 1e-4
+    elif scale == "extreme":  # 2^-127 (denormal) .. 2^100 per block
+        b = torch.randint(0, 228, s.shape, generator=g, dtype=torch.int32)
+        b.view(-1)[0] = 0
+        s = b.to(torch.uint8).view(torch.float8_e8m0fnu)
+    return q, s
+
+
+def xs(rows: int, in_f: int, dtype=torch.float32, seed: int = 1) -> torch.Tensor:
+    return torch.randn(rows, in_f, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+needs_compiled = pytest.mark.skipif(not kernels.available(), reason="compiled kernels not available")
+
+
+# ---- the fallback is the reference math ----
+
+
+@pytest.mark.parametrize("chunk", [None, 4096])
+def test_mxfp4_fallback_matches_reference(monkeypatch, chunk):
+    if chunk:  # force several row chunks
+        monkeypatch.setattr(kernels, "_FALLBACK_CHUNK", chunk)
+    q, s = mx_weight(100, 192)
+    x = xs(3, 192)
+    ref = x @ dequant_mxfp4(q, s).T
+    torch.testing.assert_close(kernels.mxfp4_linear_torch(x, q, s), ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("chunk", [None, 128 * 200])
+@pytest.mark.parametrize("scale", ["e8m0", "fp32"])
+def test_fp8_fallback_matches_reference(monkeypatch, chunk, scale):
+    if chunk:
+        monkeypatch.setattr(kernels, "_FALLBACK_CHUNK", chunk)
+    q, s = f8_weight(300, 200, scale=scale)
+    x = xs(2, 200).reshape(1, 2, 200)
+    ref = x @ dequant_fp8_block(q, s).T
+    torch.testing.assert_close(kernels.fp8_linear_torch(x, q, s), ref, rtol=0, atol=0)
+
+
+def test_env_forces_fallback(monkeypatch):
+    monkeypatch.setenv("DSV4_KERNELS", "torch")
+    assert kernels.backend() == "torch" and not kernels.available()
+    q, s = mx_weight(16, 64)
+    x = xs(2, 64)
+    assert torch.equal(kernels.mxfp4_linear(x, q, s), kernels.mxfp4_linear_torch(x, q, s))
+
+
+def test_build_failure_falls_back_with_one_warning(monkeypatch, tmp_path):
+    monkeypatch.setattr(kernels, "_ext", None)
+    monkeypatch.setattr(kernels, "_SOURCE", tmp_path / "missing.cpp")
+    with pytest.warns(RuntimeWarning, match="fallback"):
+        assert not kernels.available()
+    assert not kernels.available()  # cached: no second build attempt, no second warning
+    q, s = mx_weight(8, 32)
+    x = xs(1, 32)
+    assert torch.equal(kernels.mxfp4_linear(x, q, s), kernels.mxfp4_linear_torch(x, q, s))
+
+
+def test_cpu_without_avx512_falls_back(monkeypatch):
+    monkeypatch.setattr(kernels, "_ext", None)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    with pytest.warns(RuntimeWarning, match="AVX-512"):
+        assert not kernels.available()
+
+
+def test_shape_mismatch_names_both_sizes():
+    q, s = mx_weight(8, 64)
+    with pytest.raises(ValueError, match="96 .* 64"):
+        kernels.mxfp4_linear(xs(1, 96), q, s)
+
+
+# ---- compiled against fallback ----
+
+ROWS = [1, 2, 3, 5, 64, 257]  # decode (1-3, and 5 = a group of 4 plus 1), prefill (64, 257)
+MX_SHAPES = [(130, 544), (1, 32), (17, 96), (256, 1024)]  # in % 128 = 32, 32, 96, 0
+F8_SHAPES = [(130, 200), (1, 64), (257, 100), (128, 1024)]  # in not a multiple of 64 or 128
+
+
+@needs_compiled
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("shape", MX_SHAPES)
+def test_mxfp4_compiled_matches(shape, rows):
+    q, s = mx_weight(*shape)
+    x = xs(rows, shape[1])
+    y = kernels.mxfp4_linear(x, q, s)
+    assert y.shape == (rows, shape[0]) and y.dtype == torch.float32
+    assert rel_err(y, kernels.mxfp4_linear_torch(x, q, s), x, dequant_mxfp4(q, s)) <= TOL
+
+
+@needs_compiled
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("scale", ["e8m0", "fp32"])
+@pytest.mark.parametrize("shape", F8_SHAPES)
+def test_fp8_compiled_matches(shape, scale, rows):
+    q, s = f8_weight(*shape, scale=scale)
+    x = xs(rows, shape[1])
+    y = kernels.fp8_linear(x, q, s)
+    assert y.shape == (rows, shape[0]) and y.dtype == torch.float32
+    assert rel_err(y, kernels.fp8_linear_torch(x, q, s), x, dequant_fp8_block(q, s)) <= TOL
+
+
+@needs_compiled
+@pytest.mark.parametrize("rows", [1, 3, 64])
+def test_extreme_scales(rows):
+    q, s = mx_weight(40, 544, extreme=True)
+    x = xs(rows, 544) * 1e-12  # keeps rows scaled 2^123 finite
+    ref = kernels.mxfp4_linear_torch(x, q, s)
+    assert torch.isfinite(ref).all()
+    assert rel_err(kernels.mxfp4_linear(x, q, s), ref, x, dequant_mxfp4(q, s)) <= TOL
+    q, s = f8_weight(300, 384, scale="extreme")
+    x = xs(rows, 384) * 1e-12
+    ref = kernels.fp8_linear_torch(x, q, s)
+    assert torch.isfinite(ref).all()
+    assert rel_err(kernels.fp8_linear(x, q, s), ref, x, dequant_fp8_block(q, s)) <= TOL
+
+
+@needs_compiled
+@pytest.mark.parametrize("rows", [1, 3, 64])
+def test_bf16_inputs(rows):
+    q, s = mx_weight(130, 544)
+    x = xs(rows, 544, torch.bfloat16).reshape(1, rows, 544)
+    w = dequant_mxfp4(q, s)
+    # Exact up to fp32 summation order before the final rounding to bf16 ...
+    y32 = kernels.mxfp4_linear(x.float(), q, s)
+    assert rel_err(y32, x.float() @ w.T, x, w) <= TOL
+    # ... so the bf16 outputs differ from the fallback's by at most one bf16 rounding step.
+    y = kernels.mxfp4_linear(x, q, s)
+    assert y.dtype == torch.bfloat16 and y.shape == (1, rows, 130)
+    torch.testing.assert_close(y, kernels.mxfp4_linear_torch(x, q, s), rtol=2**-7, atol=1e-3)
+    q, s = f8_weight(130, 200)
+    x = xs(rows, 200, torch.bfloat16)
+    y = kernels.fp8_linear(x, q, s)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, kernels.fp8_linear_torch(x, q, s), rtol=2**-7, atol=1e-3)
+
+
+@needs_compiled
+def test_strided_and_empty_inputs():
+    q, s = mx_weight(64, 256)
+    x = xs(8, 512)[:, ::2]  # non-contiguous view
+    torch.testing.assert_close(
+        kernels.mxfp4_linear(x, q, s), kernels.mxfp4_linear_torch(x, q, s), rtol=1e-5, atol=1e-4
+    )
+    assert kernels.mxfp4_linear(xs(0, 256), q, s).shape == (0, 64)
+    q, s = f8_weight(64, 256)
+    assert kernels.fp8_linear(xs(0, 256).reshape(0, 0, 256), q, s).shape == (0, 0, 64)
