@@ -138,6 +138,24 @@ def test_fp8_compiled_matches(shape, scale, rows):
 
 
 @needs_compiled
+@pytest.mark.parametrize("rows", [2, 3, 5, 15])
+def test_long_rows_cut_into_segments(rows):
+    # A group's x no longer fits in L1 here, so decode runs each row in several segments.
+    q, s = mx_weight(20, 4128)
+    x = xs(rows, 4128)
+    assert (
+        rel_err(kernels.mxfp4_linear(x, q, s), kernels.mxfp4_linear_torch(x, q, s), x, dequant_mxfp4(q, s))
+        <= TOL
+    )
+    q, s = f8_weight(140, 3000)
+    x = xs(rows, 3000)
+    assert (
+        rel_err(kernels.fp8_linear(x, q, s), kernels.fp8_linear_torch(x, q, s), x, dequant_fp8_block(q, s))
+        <= TOL
+    )
+
+
+@needs_compiled
 @pytest.mark.parametrize("rows", [1, 3, 64])
 def test_extreme_scales(rows):
     q, s = mx_weight(40, 544, extreme=True)
@@ -153,20 +171,23 @@ def test_extreme_scales(rows):
 
 
 @needs_compiled
-@pytest.mark.parametrize("rows", [1, 3, 64])
+@pytest.mark.parametrize("rows", [1, 3, 5, 64])
 def test_bf16_inputs(rows):
-    q, s = mx_weight(130, 544)
-    x = xs(rows, 544, torch.bfloat16).reshape(1, rows, 544)
-    w = dequant_mxfp4(q, s)
-    # Exact up to fp32 summation order before the final rounding to bf16 ...
-    y32 = kernels.mxfp4_linear(x.float(), q, s)
-    assert rel_err(y32, x.float() @ w.T, x, w) <= TOL
-    # ... so the bf16 outputs differ from the fallback's by at most one bf16 rounding step.
-    y = kernels.mxfp4_linear(x, q, s)
-    assert y.dtype == torch.bfloat16 and y.shape == (1, rows, 130)
-    torch.testing.assert_close(y, kernels.mxfp4_linear_torch(x, q, s), rtol=2**-7, atol=1e-3)
+    for shape in [(130, 544), (64, 1024)]:
+        q, s = mx_weight(*shape)
+        x = xs(rows, shape[1], torch.bfloat16).reshape(1, rows, shape[1])
+        w = dequant_mxfp4(q, s)
+        # Exact products (bf16 x e2m1), fp32 sums: agrees to summation order before the rounding ...
+        y32 = kernels.mxfp4_linear(x, q, s, out_dtype=torch.float32)
+        assert y32.dtype == torch.float32 and rel_err(y32, x.float() @ w.T, x, w) <= TOL
+        # ... so bf16 outputs differ from the fallback's by at most one bf16 rounding step.
+        y = kernels.mxfp4_linear(x, q, s)
+        assert y.dtype == torch.bfloat16 and y.shape == (1, rows, shape[0])
+        torch.testing.assert_close(y, kernels.mxfp4_linear_torch(x, q, s), rtol=2**-7, atol=1e-3)
     q, s = f8_weight(130, 200)
     x = xs(rows, 200, torch.bfloat16)
+    w = dequant_fp8_block(q, s)
+    assert rel_err(kernels.fp8_linear(x, q, s, out_dtype=torch.float32), x.float() @ w.T, x, w) <= TOL
     y = kernels.fp8_linear(x, q, s)
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y, kernels.fp8_linear_torch(x, q, s), rtol=2**-7, atol=1e-3)

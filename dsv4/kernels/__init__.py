@@ -119,34 +119,50 @@ def _check(x: torch.Tensor, in_f: int) -> None:
         raise ValueError(f"x has {x.shape[-1]} input features, the weight expects {in_f}")
 
 
-def mxfp4_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x `[..., in]` @ MXFP4 weight (int8 `[out, in/2]`, e8m0 `[out, in/32]`).T, fp32 accumulation."""
+def mxfp4_linear(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, out_dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """x `[..., in]` @ MXFP4 weight (int8 `[out, in/2]`, e8m0 `[out, in/32]`).T, fp32 accumulation.
+
+    Returns `[..., out]` in `out_dtype` (default x's dtype); float32 skips the final rounding.
+    """
     _check(x, weight.shape[1] * 2)
     ext = _compiled(x)
-    if ext is not None:
-        return ext.mxfp4_linear(x, weight, scale, PREFILL_ROWS)
-    return mxfp4_linear_torch(x, weight, scale)
+    if ext is None:
+        return mxfp4_linear_torch(x, weight, scale, out_dtype=out_dtype)
+    y = ext.mxfp4_linear(x, weight, scale, PREFILL_ROWS, out_dtype == torch.float32)
+    return y if out_dtype is None else y.to(out_dtype)
 
 
-def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x `[..., in]` @ FP8 weight (e4m3 `[out, in]`, e8m0/fp32 block scales `[out/128, in/128]`).T."""
+def fp8_linear(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, out_dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """x `[..., in]` @ FP8 weight (e4m3 `[out, in]`, e8m0/fp32 block scales `[out/128, in/128]`).T.
+
+    Returns `[..., out]` in `out_dtype` (default x's dtype); float32 skips the final rounding.
+    """
     _check(x, weight.shape[1])
     ext = _compiled(x)
-    if ext is not None:
-        return ext.fp8_linear(x, weight, scale, PREFILL_ROWS)
-    return fp8_linear_torch(x, weight, scale)
+    if ext is None:
+        return fp8_linear_torch(x, weight, scale, out_dtype=out_dtype)
+    y = ext.fp8_linear(x, weight, scale, PREFILL_ROWS, out_dtype == torch.float32)
+    return y if out_dtype is None else y.to(out_dtype)
 
 
-def mxfp4_linear_torch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def mxfp4_linear_torch(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, out_dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """The fallback: `dequant_mxfp4` in row chunks, then matmul."""
     out_f, in_f = weight.shape[0], weight.shape[1] * 2
     _check(x, in_f)
     x2 = x.reshape(-1, in_f).float()
     y = _chunked(x2, out_f, in_f, lambda r0, r1: dequant_mxfp4(weight[r0:r1], scale[r0:r1]))
-    return y.reshape(*x.shape[:-1], out_f).to(x.dtype)
+    return y.reshape(*x.shape[:-1], out_f).to(out_dtype or x.dtype)
 
 
-def fp8_linear_torch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def fp8_linear_torch(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, out_dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """The fallback: `dequant_fp8_block` in row chunks (whole 128-row scale blocks), then matmul."""
     out_f, in_f = weight.shape
     _check(x, in_f)
@@ -156,7 +172,7 @@ def fp8_linear_torch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor)
         return dequant_fp8_block(weight[r0:r1], scale[r0 // 128 : (r1 + 127) // 128])
 
     y = _chunked(x2, out_f, in_f, dequant, align=128)
-    return y.reshape(*x.shape[:-1], out_f).to(x.dtype)
+    return y.reshape(*x.shape[:-1], out_f).to(out_dtype or x.dtype)
 
 
 def _chunked(x2: torch.Tensor, out_f: int, in_f: int, dequant, align: int = 1) -> torch.Tensor:

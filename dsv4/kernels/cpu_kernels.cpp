@@ -9,8 +9,9 @@
 //     expansion produces (so no shuffles are needed to restore the input order).
 //   prefill (many rows of x): the weight is dequantized in row chunks (same permuted column order)
 //     into a fp32 buffer and multiplied with at::mm, which is compute-bound there anyway.
-// This file knows nothing of models or of the Python fallback; dsv4/kernels/__init__.py checks
-// shapes and dtypes before calling in, so the entry points only assert.
+// x is widened to fp32 (bf16 x too: a vpermw + vdpbf16ps variant measured no faster on the Xeon
+// this was tuned on, where vdpbf16ps costs about two FMAs). The entry points check shapes and
+// dtypes again behind dsv4/kernels/__init__.py. This file knows nothing of models.
 
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -27,14 +28,16 @@ constexpr int64_t kMxChunk = 128;  // e2m1 codes in one 64-byte load
 constexpr int64_t kF8Chunk = 64;   // e4m3 values in one 64-byte load
 constexpr int64_t kTileRows = 16;  // weight rows per work item; divides the 128-row FP8 block
 constexpr int64_t kGroup = 4;      // x rows sharing one expansion of the weight codes
+constexpr int64_t kSegment = 1024;  // inputs per pass when a group's x would not fit in L1
+constexpr int64_t kL1Bytes = 32 << 10;
 #ifndef DSV4_PF_HINT
 #define DSV4_PF_HINT _MM_HINT_T0
 #endif
 #ifndef DSV4_PREFETCH
-#define DSV4_PREFETCH 1024
+#define DSV4_PREFETCH 2048
 #endif
-// Software prefetch distance in bytes of the weight stream: with 2 cores each streaming its own
-// rows the hardware prefetcher alone leaves the loads waiting on DRAM (measured).
+// Software prefetch distance in bytes of the weight stream: with the hardware prefetcher alone a
+// core decoding at full speed waits on DRAM (measured: ~2x slower single-threaded).
 constexpr int64_t kPrefetch = DSV4_PREFETCH;
 
 alignas(64) const float kE2M1[16] = {0.f,  .5f,  1.f,  1.5f,  2.f,  3.f,  4.f,  6.f,
@@ -140,30 +143,32 @@ inline void mx_chunk(__m512i codes, __m512 sc, const float* xc, int64_t ldx, __m
   for (int m = 0; m < M; ++m) acc[m] = _mm512_fmadd_ps(b[m], sc, acc[m]);
 }
 
-// y[m] = sum over the row of code * scale * xp[m], for M rows of permuted x (stride ldx).
+
+// y[m] += sum over chunks [c0, c1) of a row of code * scale * xp[m], for M rows of permuted x.
 template <int M>
-inline void mx_row(const uint8_t* w, const uint8_t* s, int64_t in, const float* xp, int64_t ldx,
-                   float* y, int64_t ldy) {
+inline void mx_row(const uint8_t* w, const uint8_t* s, int64_t in, int64_t c0, int64_t c1,
+                   const float* xp, int64_t ldx, float* y, int64_t ldy) {
   __m512 acc[M];
   for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
-  const int64_t nch = ceil_div(in, kMxChunk), nfull = in / kMxChunk;
-  int64_t c = 0;
+  const int64_t nfull = std::min(c1, in / kMxChunk);
+  int64_t c = c0;
   // Groups of 4 full chunks share one 16-byte scale load.
   for (; c + 4 <= nfull; c += 4) {
     const uint8_t* wc = w + c * 64;
-    for (int i = 0; i < 4; ++i) _mm_prefetch(reinterpret_cast<const char*>(wc + kPrefetch + 64 * i), DSV4_PF_HINT);
+    for (int i = 0; i < 4; ++i)
+      _mm_prefetch(reinterpret_cast<const char*>(wc + kPrefetch + 64 * i), DSV4_PF_HINT);
     __m512 sc[4];
     mx_scales4(s + c * 4, sc);
     for (int i = 0; i < 4; ++i)
       mx_chunk<M>(_mm512_loadu_si512(wc + 64 * i), sc[i], xp + (c + i) * kMxChunk, ldx, acc);
   }
-  for (; c < nch; ++c) {
+  for (; c < c1; ++c) {
     __m512i codes;
     __m512 sc;
     mx_load(w, s, in, c, codes, sc);
     mx_chunk<M>(codes, sc, xp + c * kMxChunk, ldx, acc);
   }
-  for (int m = 0; m < M; ++m) y[m * ldy] = _mm512_reduce_add_ps(acc[m]);
+  for (int m = 0; m < M; ++m) y[m * ldy] += _mm512_reduce_add_ps(acc[m]);
 }
 
 // Rows [r0, r1) of the weight -> fp32 in permuted column order, row stride kp.
@@ -209,15 +214,14 @@ inline __m512i f8_load(const uint8_t* w, int64_t in, int64_t c) {
   return _mm512_maskz_loadu_epi8((__mmask64)((1ull << rem) - 1), w + c * kF8Chunk);
 }
 
-// y[m] = sum of e4m3 * xs[m] over a row; xs already carries the block scales and the 2^8.
+// y[m] += sum over chunks [c0, c1) of a row of e4m3 * xs[m]; xs carries the block scales and 2^8.
 template <int M>
-inline void f8_row(const uint8_t* w, int64_t in, const float* xs, int64_t ldx, float* y,
-                   int64_t ldy) {
+inline void f8_row(const uint8_t* w, int64_t in, int64_t c0, int64_t c1, const float* xs,
+                   int64_t ldx, float* y, int64_t ldy) {
   __m512 acc[M][4];
   for (int m = 0; m < M; ++m)
     for (int q = 0; q < 4; ++q) acc[m][q] = _mm512_setzero_ps();
-  const int64_t nch = ceil_div(in, kF8Chunk);
-  for (int64_t c = 0; c < nch; ++c) {
+  for (int64_t c = c0; c < c1; ++c) {
     _mm_prefetch(reinterpret_cast<const char*>(w + c * kF8Chunk + kPrefetch), DSV4_PF_HINT);
     __m512 f[4];
     e4m3_expand(f8_load(w, in, c), f);
@@ -229,7 +233,7 @@ inline void f8_row(const uint8_t* w, int64_t in, const float* xs, int64_t ldx, f
   for (int m = 0; m < M; ++m) {
     const __m512 a = _mm512_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]),
                                    _mm512_add_ps(acc[m][2], acc[m][3]));
-    y[m * ldy] = _mm512_reduce_add_ps(a);
+    y[m * ldy] += _mm512_reduce_add_ps(a);
   }
 }
 
@@ -264,18 +268,26 @@ void f8_dequant(const uint8_t* w, const float* sc, int64_t nbi, int64_t in, int6
 
 // ---- drivers -------------------------------------------------------------------------------
 
-// Calls row<G>(r, m0) for every weight row r in [r0, r1) and every group of up to kGroup x rows.
-// Rows of one tile are revisited per group, from L1/L2, so the weight streams from memory once.
+// Calls row<G>(r, m0, c0, c1) for every weight row r in [r0, r1), every group of up to kGroup x
+// rows and every segment [c0, c1) of the nch chunks. The tile's rows are revisited per group from
+// L1/L2, so the weight streams from memory once. When a group's x (G * kp floats) would not fit
+// in L1, rows are cut into segments so that each x slice stays there; otherwise each row is one
+// segment, which keeps the weight stream sequential for the prefetchers.
 template <class RowFn>
-inline void for_tile(int64_t r0, int64_t r1, int64_t M, RowFn&& row) {
-  for (int64_t m0 = 0; m0 < M; m0 += kGroup) {
-    const int64_t g = std::min(kGroup, M - m0);
-    for (int64_t r = r0; r < r1; ++r) {
-      switch (g) {
-        case 1: row(std::integral_constant<int, 1>{}, r, m0); break;
-        case 2: row(std::integral_constant<int, 2>{}, r, m0); break;
-        case 3: row(std::integral_constant<int, 3>{}, r, m0); break;
-        default: row(std::integral_constant<int, 4>{}, r, m0); break;
+inline void for_tile(int64_t r0, int64_t r1, int64_t M, int64_t nch, int64_t chunk, RowFn&& row) {
+  const int64_t kp = nch * chunk;
+  const int64_t seg = std::min(M, kGroup) * kp * 4 <= kL1Bytes ? nch : kSegment / chunk;
+  for (int64_t c0 = 0; c0 < nch; c0 += seg) {
+    const int64_t c1 = std::min(nch, c0 + seg);
+    for (int64_t m0 = 0; m0 < M; m0 += kGroup) {
+      const int64_t g = std::min(kGroup, M - m0);
+      for (int64_t r = r0; r < r1; ++r) {
+        switch (g) {
+          case 1: row(std::integral_constant<int, 1>{}, r, m0, c0, c1); break;
+          case 2: row(std::integral_constant<int, 2>{}, r, m0, c0, c1); break;
+          case 3: row(std::integral_constant<int, 3>{}, r, m0, c0, c1); break;
+          default: row(std::integral_constant<int, 4>{}, r, m0, c0, c1); break;
+        }
       }
     }
   }
@@ -312,11 +324,11 @@ torch::Tensor rows_of(const torch::Tensor& x, int64_t in) {
   return x.reshape({-1, in}).to(torch::kFloat).contiguous();
 }
 
-// y fp32 [M, out] -> [..., out] in x's dtype.
-torch::Tensor finish(const torch::Tensor& y, const torch::Tensor& x) {
+// y fp32 [M, out] -> [..., out] in x's dtype (or fp32 when asked).
+torch::Tensor finish(const torch::Tensor& y, const torch::Tensor& x, bool fp32_out) {
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = y.size(1);
-  return y.view(shape).to(x.scalar_type());
+  return fp32_out ? y.view(shape) : y.view(shape).to(x.scalar_type());
 }
 
 bool is_byte(const torch::Tensor& t) {
@@ -325,12 +337,52 @@ bool is_byte(const torch::Tensor& t) {
          st == at::ScalarType::Float8_e4m3fn;
 }
 
+torch::Tensor mx_decode(const uint8_t* w, const uint8_t* s, int64_t in, int64_t out_f, int64_t M,
+                        const float* xd, int64_t kp) {
+  auto y = torch::zeros({M, out_f}, torch::kFloat);
+  float* yd = y.data_ptr<float>();
+  at::parallel_for(0, ceil_div(out_f, kTileRows), 1, [&](int64_t t0, int64_t t1) {
+    for_tile(t0 * kTileRows, std::min(out_f, t1 * kTileRows), M, kp / kMxChunk, kMxChunk,
+             [&](auto g, int64_t r, int64_t m0, int64_t c0, int64_t c1) {
+               mx_row<decltype(g)::value>(w + r * (in / 2), s + r * (in / 32), in, c0, c1,
+                                          xd + m0 * kp, kp, yd + m0 * out_f + r, out_f);
+             });
+  });
+  return y;
+}
+
+torch::Tensor f8_decode(const uint8_t* w, const float* sc, int64_t nbi, int64_t in, int64_t out_f,
+                        int64_t M, const float* xd, int64_t kp) {
+  auto y = torch::zeros({M, out_f}, torch::kFloat);
+  float* yd = y.data_ptr<float>();
+  at::parallel_for(0, ceil_div(out_f, kTileRows), 1, [&](int64_t t0, int64_t t1) {
+    // x times the scales of the current 128-row block, rebuilt when the block changes.
+    std::vector<float> xs(M * kp);
+    int64_t cur = -1;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t r0 = t * kTileRows, rb = r0 / 128;
+      if (rb != cur) {
+        cur = rb;
+        for (int64_t m = 0; m < M; ++m)
+          for (int64_t i = 0; i < kp; ++i) xs[m * kp + i] = xd[m * kp + i] * sc[rb * nbi + i / 128];
+      }
+      for_tile(r0, std::min(out_f, r0 + kTileRows), M, kp / kF8Chunk, kF8Chunk,
+               [&](auto g, int64_t r, int64_t m0, int64_t c0, int64_t c1) {
+                 f8_row<decltype(g)::value>(w + r * in, in, c0, c1, xs.data() + m0 * kp, kp,
+                                            yd + m0 * out_f + r, out_f);
+               });
+    }
+  });
+  return y;
+}
+
 }  // namespace
 
 // x [..., in] fp32/bf16; weight int8/uint8 [out, in/2]; scale e8m0 (or its uint8 bytes) [out, in/32].
-// Rows of x at or above prefill_rows take the dequantize-then-at::mm path.
+// Rows of x at or above prefill_rows take the dequantize-then-at::mm path; fp32_out skips the
+// final cast to x's dtype.
 torch::Tensor mxfp4_linear(const torch::Tensor& x_in, const torch::Tensor& weight_in,
-                           const torch::Tensor& scale_in, int64_t prefill_rows) {
+                           const torch::Tensor& scale_in, int64_t prefill_rows, bool fp32_out) {
   TORCH_CHECK(weight_in.dim() == 2 && is_byte(weight_in), "MXFP4 weight: 2-D int8/uint8");
   const int64_t out_f = weight_in.size(0), in = weight_in.size(1) * 2;
   TORCH_CHECK(is_byte(scale_in) && scale_in.dim() == 2 && scale_in.size(0) == out_f &&
@@ -346,24 +398,15 @@ torch::Tensor mxfp4_linear(const torch::Tensor& x_in, const torch::Tensor& weigh
   if (M >= prefill_rows) {
     return finish(dequant_mm(xp, out_f, [&](int64_t r0, int64_t r1, float* dst) {
       mx_dequant(w, s, in, r0, r1, kp, dst);
-    }), x_in);
+    }), x_in, fp32_out);
   }
-  auto y = torch::empty({M, out_f}, xp.options());
-  const float* xd = xp.data_ptr<float>();
-  float* yd = y.data_ptr<float>();
-  at::parallel_for(0, ceil_div(out_f, kTileRows), 1, [&](int64_t t0, int64_t t1) {
-    for_tile(t0 * kTileRows, std::min(out_f, t1 * kTileRows), M, [&](auto g, int64_t r, int64_t m0) {
-      mx_row<decltype(g)::value>(w + r * (in / 2), s + r * (in / 32), in, xd + m0 * kp, kp,
-                                 yd + m0 * out_f + r, out_f);
-    });
-  });
-  return finish(y, x_in);
+  return finish(mx_decode(w, s, in, out_f, M, xp.data_ptr<float>(), kp), x_in, fp32_out);
 }
 
 // x [..., in] fp32/bf16; weight e4m3fn (or its uint8 bytes) [out, in]; scale e8m0 bytes or any float
 // dtype, block grid [ceil(out/128), ceil(in/128)].
 torch::Tensor fp8_linear(const torch::Tensor& x_in, const torch::Tensor& weight_in,
-                         const torch::Tensor& scale_in, int64_t prefill_rows) {
+                         const torch::Tensor& scale_in, int64_t prefill_rows, bool fp32_out) {
   TORCH_CHECK(weight_in.dim() == 2 && is_byte(weight_in), "FP8 weight: 2-D float8_e4m3fn");
   const int64_t out_f = weight_in.size(0), in = weight_in.size(1), nbi = ceil_div(in, 128);
   TORCH_CHECK(scale_in.dim() == 2 && scale_in.size(0) == ceil_div(out_f, 128) && scale_in.size(1) == nbi,
@@ -379,29 +422,9 @@ torch::Tensor fp8_linear(const torch::Tensor& x_in, const torch::Tensor& weight_
   if (M >= prefill_rows) {
     return finish(dequant_mm(xp, out_f, [&](int64_t r0, int64_t r1, float* dst) {
       f8_dequant(w, sc.data(), nbi, in, r0, r1, kp, dst);
-    }), x_in);
+    }), x_in, fp32_out);
   }
-  auto y = torch::empty({M, out_f}, xp.options());
-  const float* xd = xp.data_ptr<float>();
-  float* yd = y.data_ptr<float>();
-  at::parallel_for(0, ceil_div(out_f, kTileRows), 1, [&](int64_t t0, int64_t t1) {
-    // x times the scales of the current 128-row block, rebuilt when the block changes.
-    std::vector<float> xs(M * kp);
-    int64_t cur = -1;
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t r0 = t * kTileRows, rb = r0 / 128;
-      if (rb != cur) {
-        cur = rb;
-        for (int64_t m = 0; m < M; ++m)
-          for (int64_t i = 0; i < kp; ++i) xs[m * kp + i] = xd[m * kp + i] * sc[rb * nbi + i / 128];
-      }
-      for_tile(r0, std::min(out_f, r0 + kTileRows), M, [&](auto g, int64_t r, int64_t m0) {
-        f8_row<decltype(g)::value>(w + r * in, in, xs.data() + m0 * kp, kp, yd + m0 * out_f + r,
-                                   out_f);
-      });
-    }
-  });
-  return finish(y, x_in);
+  return finish(f8_decode(w, sc.data(), nbi, in, out_f, M, xp.data_ptr<float>(), kp), x_in, fp32_out);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
