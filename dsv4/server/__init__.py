@@ -1,0 +1,85 @@
+"""`dsv4 serve`: an OpenAI-compatible HTTP server with continuous batching and a web chat page.
+
+`add_serve_parser(subparsers, common_parent)` declares the subcommand (the parent brings --model,
+--device, --dtype, --numerics and the sampling flags, which become the server's defaults for requests
+that leave them out); `serve(args)` loads the model and runs uvicorn. The app itself is
+`dsv4.server.app.create_app`. FastAPI and uvicorn are imported only when serving.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def add_serve_parser(subparsers, common_parent: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Register `serve` on a subparsers object; returns its parser."""
+    sp = subparsers.add_parser("serve", parents=[common_parent],
+                               help="OpenAI-compatible API server with a web chat page at /")  # fmt: skip
+    g = sp.add_argument_group("server")
+    g.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)"
+    )
+    g.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    g.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
+    g.add_argument(
+        "--model-name", default=None, help="name clients ask for (default: the model folder's name)"
+    )
+    g.add_argument("--max-running", type=int, default=16, help="sequences decoded together (default: 16)")
+    g.add_argument("--max-queue", type=int, default=64,
+                   help="sequences waiting beyond --max-running before requests get 429 (default: 64)")  # fmt: skip
+    g.add_argument("--max-context", type=int, default=None,
+                   help="prompt + completion token limit (default: the model's max_seq_len)")  # fmt: skip
+    g.add_argument("--max-step-tokens", type=int, default=256,
+                   help="tokens per forward pass; long prompts are prefilled in chunks (default: 256)")  # fmt: skip
+    g.add_argument(
+        "--max-body-bytes", type=int, default=4 << 20, help="largest request body (default: 4 MiB)"
+    )
+    g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    sp.set_defaults(fn=serve)
+    return sp
+
+
+def _sampling_defaults(args: argparse.Namespace) -> dict:
+    names = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed")
+    out = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
+    if getattr(args, "stop", None):
+        out["stop"] = list(args.stop)
+    return out
+
+
+def _model_dir(args: argparse.Namespace) -> Path:
+    if args.model is not None:
+        return Path(args.model)
+    from ..cli import DEMO_DIR  # the bundled demo model, as `dsv4 run` uses it
+
+    if (DEMO_DIR / "config.json").exists():
+        return DEMO_DIR
+    raise FileNotFoundError("no --model given and no bundled demo model in this install: pass --model DIR")
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Load the model and serve it until interrupted."""
+    import uvicorn
+
+    import dsv4
+
+    from .app import create_app
+
+    for flag in ("max_running", "max_queue", "max_step_tokens", "max_body_bytes"):
+        if getattr(args, flag) < (0 if flag == "max_queue" else 1):
+            raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    if getattr(args, "speculative", False):
+        print("dsv4 serve: --speculative is ignored (the server batches many sequences)", file=sys.stderr)
+    path = _model_dir(args)
+    engine = dsv4.load(path, device=args.device, dtype=args.dtype, numerics=args.numerics)
+    name = args.model_name or path.resolve().name
+    app = create_app(engine, model_name=name, api_key=args.api_key, max_queue=args.max_queue,
+                     max_running=args.max_running, max_body_bytes=args.max_body_bytes,
+                     max_context=args.max_context, max_step_tokens=args.max_step_tokens,
+                     sampling_defaults=_sampling_defaults(args))  # fmt: skip
+    print(f"dsv4 serve: {name} on http://{args.host}:{args.port}/ (API at /v1, metrics at /metrics)",
+          file=sys.stderr, flush=True)  # fmt: skip
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
