@@ -138,6 +138,27 @@ def test_fp8_compiled_matches(shape, scale, rows):
 
 
 @needs_compiled
+@pytest.mark.parametrize("path", ["decode", "prefill"])
+@pytest.mark.parametrize("rows", [1, 6, 33])
+def test_both_paths_whatever_the_thresholds(monkeypatch, path, rows):
+    at = 10**9 if path == "decode" else 1
+    monkeypatch.setattr(kernels, "MXFP4_PREFILL_ROWS", at)
+    monkeypatch.setattr(kernels, "FP8_PREFILL_ROWS", at)
+    q, s = mx_weight(130, 544)
+    x = xs(rows, 544)
+    assert (
+        rel_err(kernels.mxfp4_linear(x, q, s), kernels.mxfp4_linear_torch(x, q, s), x, dequant_mxfp4(q, s))
+        <= TOL
+    )
+    q, s = f8_weight(130, 200, scale="fp32")
+    x = xs(rows, 200)
+    assert (
+        rel_err(kernels.fp8_linear(x, q, s), kernels.fp8_linear_torch(x, q, s), x, dequant_fp8_block(q, s))
+        <= TOL
+    )
+
+
+@needs_compiled
 @pytest.mark.parametrize("rows", [2, 3, 5, 15])
 def test_long_rows_cut_into_segments(rows):
     # A group's x no longer fits in L1 here, so decode runs each row in several segments.

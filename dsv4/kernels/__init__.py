@@ -26,9 +26,11 @@ from ..quant import dequant_fp8_block, dequant_mxfp4
 _SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 _CFLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17"]
 _LDFLAGS = ["-fopenmp"]
-# Below this many rows of x the kernels stream the weight once and expand codes in registers;
-# from here on dequantizing tiles for at::mm is faster (measured by bench/bench_kernels.py).
-PREFILL_ROWS = 16
+# From this many rows of x on, dequantizing tiles for at::mm beats expanding codes in registers
+# (single-thread crossover measured with bench/bench_kernels.py-style runs: FP8 decode amortises
+# its e4m3 expansion over fewer FMAs than MXFP4 does, so it hands over earlier).
+MXFP4_PREFILL_ROWS = 40
+FP8_PREFILL_ROWS = 20
 # The fallback dequantizes at most this many weight elements at a time (64 MB of fp32).
 _FALLBACK_CHUNK = 1 << 24
 
@@ -130,7 +132,7 @@ def mxfp4_linear(
     ext = _compiled(x)
     if ext is None:
         return mxfp4_linear_torch(x, weight, scale, out_dtype=out_dtype)
-    y = ext.mxfp4_linear(x, weight, scale, PREFILL_ROWS, out_dtype == torch.float32)
+    y = ext.mxfp4_linear(x, weight, scale, MXFP4_PREFILL_ROWS, out_dtype == torch.float32)
     return y if out_dtype is None else y.to(out_dtype)
 
 
@@ -145,7 +147,7 @@ def fp8_linear(
     ext = _compiled(x)
     if ext is None:
         return fp8_linear_torch(x, weight, scale, out_dtype=out_dtype)
-    y = ext.fp8_linear(x, weight, scale, PREFILL_ROWS, out_dtype == torch.float32)
+    y = ext.fp8_linear(x, weight, scale, FP8_PREFILL_ROWS, out_dtype == torch.float32)
     return y if out_dtype is None else y.to(out_dtype)
 
 

@@ -127,46 +127,67 @@ inline void mx_scales4(const uint8_t* s, __m512 sc[4]) {
     sc[i] = _mm512_permutexvar_ps(_mm512_add_epi32(quarter, _mm512_set1_epi32(4 * i)), f);
 }
 
-// acc[m] += scale * (codes . xc[m]) for one 128-code chunk and M rows of permuted x.
+// acc[m] += sc * (codes . xc[m]) for one 128-code chunk and M rows of permuted x, given v[j] = the
+// chunk's dwords with byte j of each moved to bits 0..7 (v[0] is the chunk as loaded).
 template <int M>
-inline void mx_chunk(__m512i codes, __m512 sc, const float* xc, int64_t ldx, __m512* acc) {
+inline void mx_chunk(const __m512i v[4], __m512 sc, const float* xc, int64_t ldx, __m512* acc) {
   const __m512 tab = _mm512_load_ps(kE2M1);
   __m512 b[M];
-#pragma GCC unroll 8
-  for (int k = 0; k < 8; ++k) {
-    const __m512 v = _mm512_permutexvar_ps(_mm512_srli_epi32(codes, 4 * k), tab);
+#pragma GCC unroll 4
+  for (int j = 0; j < 4; ++j) {
+    const __m512 lo = _mm512_permutexvar_ps(v[j], tab);                          // nibble 2j
+    const __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(v[j], 4), tab);  // nibble 2j+1
     for (int m = 0; m < M; ++m) {
-      const __m512 xv = _mm512_loadu_ps(xc + m * ldx + 16 * k);
-      b[m] = k == 0 ? _mm512_mul_ps(v, xv) : _mm512_fmadd_ps(v, xv, b[m]);
+      const float* xm = xc + m * ldx + 32 * j;
+      b[m] = j == 0 ? _mm512_mul_ps(lo, _mm512_loadu_ps(xm))
+                    : _mm512_fmadd_ps(lo, _mm512_loadu_ps(xm), b[m]);
+      b[m] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xm + 16), b[m]);
     }
   }
   for (int m = 0; m < M; ++m) acc[m] = _mm512_fmadd_ps(b[m], sc, acc[m]);
 }
 
+// The v[] of mx_chunk by shifting in registers (7 shifts on the vector ALU) ...
+inline void mx_shifted(__m512i codes, __m512i v[4]) {
+  v[0] = codes;
+  for (int j = 1; j < 4; ++j) v[j] = _mm512_srli_epi32(codes, 8 * j);
+}
+// ... or by loading the chunk again 1, 2 and 3 bytes further on, which moves that work to the
+// load ports (4 shifts instead of 7): the vector ALU ports bound this loop. Reads up to 3 bytes
+// past the chunk, so the caller keeps it off the tensor's last chunk.
+inline void mx_offset_loads(const uint8_t* wc, __m512i v[4]) {
+  for (int j = 0; j < 4; ++j) v[j] = _mm512_loadu_si512(wc + j);
+}
 
 // y[m] += sum over chunks [c0, c1) of a row of code * scale * xp[m], for M rows of permuted x.
+// `last` marks the tensor's last row, whose last chunk must not be over-read.
 template <int M>
-inline void mx_row(const uint8_t* w, const uint8_t* s, int64_t in, int64_t c0, int64_t c1,
+inline void mx_row(const uint8_t* w, const uint8_t* s, int64_t in, int64_t c0, int64_t c1, bool last,
                    const float* xp, int64_t ldx, float* y, int64_t ldy) {
   __m512 acc[M];
   for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
-  const int64_t nfull = std::min(c1, in / kMxChunk);
+  const int64_t nch = ceil_div(in, kMxChunk);
+  const int64_t ngroup = std::min({c1, in / kMxChunk, last ? nch - 1 : nch});
   int64_t c = c0;
   // Groups of 4 full chunks share one 16-byte scale load.
-  for (; c + 4 <= nfull; c += 4) {
+  for (; c + 4 <= ngroup; c += 4) {
     const uint8_t* wc = w + c * 64;
     for (int i = 0; i < 4; ++i)
       _mm_prefetch(reinterpret_cast<const char*>(wc + kPrefetch + 64 * i), DSV4_PF_HINT);
     __m512 sc[4];
     mx_scales4(s + c * 4, sc);
-    for (int i = 0; i < 4; ++i)
-      mx_chunk<M>(_mm512_loadu_si512(wc + 64 * i), sc[i], xp + (c + i) * kMxChunk, ldx, acc);
+    for (int i = 0; i < 4; ++i) {
+      __m512i v[4];
+      mx_offset_loads(wc + 64 * i, v);
+      mx_chunk<M>(v, sc[i], xp + (c + i) * kMxChunk, ldx, acc);
+    }
   }
   for (; c < c1; ++c) {
-    __m512i codes;
+    __m512i codes, v[4];
     __m512 sc;
     mx_load(w, s, in, c, codes, sc);
-    mx_chunk<M>(codes, sc, xp + c * kMxChunk, ldx, acc);
+    mx_shifted(codes, v);
+    mx_chunk<M>(v, sc, xp + c * kMxChunk, ldx, acc);
   }
   for (int m = 0; m < M; ++m) y[m * ldy] += _mm512_reduce_add_ps(acc[m]);
 }
@@ -345,7 +366,8 @@ torch::Tensor mx_decode(const uint8_t* w, const uint8_t* s, int64_t in, int64_t 
     for_tile(t0 * kTileRows, std::min(out_f, t1 * kTileRows), M, kp / kMxChunk, kMxChunk,
              [&](auto g, int64_t r, int64_t m0, int64_t c0, int64_t c1) {
                mx_row<decltype(g)::value>(w + r * (in / 2), s + r * (in / 32), in, c0, c1,
-                                          xd + m0 * kp, kp, yd + m0 * out_f + r, out_f);
+                                          r == out_f - 1, xd + m0 * kp, kp, yd + m0 * out_f + r,
+                                          out_f);
              });
   });
   return y;
