@@ -101,6 +101,13 @@ def test_cpu_without_avx512_falls_back(monkeypatch):
         assert not kernels.available()
 
 
+def test_autograd_calls_take_the_differentiable_fallback():
+    q, s = mx_weight(16, 64)
+    x = xs(2, 64).requires_grad_()
+    kernels.mxfp4_linear(x, q, s).sum().backward()
+    torch.testing.assert_close(x.grad, dequant_mxfp4(q, s).sum(0).expand(2, 64))
+
+
 def test_shape_mismatch_names_both_sizes():
     q, s = mx_weight(8, 64)
     with pytest.raises(ValueError, match="96 .* 64"):

@@ -108,12 +108,27 @@ def _build():
         return None
 
 
-def _compiled(x: torch.Tensor):
-    """The extension when it should take this call: built, x on the CPU in a dtype it reads."""
+_X_DTYPES = (torch.float32, torch.bfloat16)
+_BYTE_DTYPES = (torch.uint8, torch.int8, torch.float8_e8m0fnu, torch.float8_e4m3fn)
+
+
+def _compiled(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, byte_scale: bool):
+    """The extension if it should take this call, else None (the fallback takes it).
+
+    It takes CPU tensors only, x in fp32/bf16, byte-sized codes (and scales when `byte_scale`),
+    and never a call that autograd must differentiate: the kernels have no backward.
+    """
     ext = _load()
-    if ext is not None and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16):
-        return ext
-    return None
+    if (
+        ext is None
+        or x.dtype not in _X_DTYPES
+        or not (x.is_cpu and weight.is_cpu and scale.is_cpu)
+        or weight.dtype not in _BYTE_DTYPES
+        or (byte_scale and scale.dtype not in _BYTE_DTYPES)
+        or (x.requires_grad and torch.is_grad_enabled())
+    ):
+        return None
+    return ext
 
 
 def _check(x: torch.Tensor, in_f: int) -> None:
@@ -129,7 +144,7 @@ def mxfp4_linear(
     Returns `[..., out]` in `out_dtype` (default x's dtype); float32 skips the final rounding.
     """
     _check(x, weight.shape[1] * 2)
-    ext = _compiled(x)
+    ext = _compiled(x, weight, scale, byte_scale=True)
     if ext is None:
         return mxfp4_linear_torch(x, weight, scale, out_dtype=out_dtype)
     y = ext.mxfp4_linear(x, weight, scale, MXFP4_PREFILL_ROWS, out_dtype == torch.float32)
@@ -144,7 +159,7 @@ def fp8_linear(
     Returns `[..., out]` in `out_dtype` (default x's dtype); float32 skips the final rounding.
     """
     _check(x, weight.shape[1])
-    ext = _compiled(x)
+    ext = _compiled(x, weight, scale, byte_scale=False)
     if ext is None:
         return fp8_linear_torch(x, weight, scale, out_dtype=out_dtype)
     y = ext.fp8_linear(x, weight, scale, FP8_PREFILL_ROWS, out_dtype == torch.float32)

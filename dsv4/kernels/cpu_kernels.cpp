@@ -406,6 +406,7 @@ torch::Tensor f8_decode(const uint8_t* w, const float* sc, int64_t nbi, int64_t 
 torch::Tensor mxfp4_linear(const torch::Tensor& x_in, const torch::Tensor& weight_in,
                            const torch::Tensor& scale_in, int64_t prefill_rows, bool fp32_out) {
   TORCH_CHECK(weight_in.dim() == 2 && is_byte(weight_in), "MXFP4 weight: 2-D int8/uint8");
+  TORCH_CHECK(weight_in.device().is_cpu() && scale_in.device().is_cpu(), "MXFP4: weight and scale on the CPU");
   const int64_t out_f = weight_in.size(0), in = weight_in.size(1) * 2;
   TORCH_CHECK(is_byte(scale_in) && scale_in.dim() == 2 && scale_in.size(0) == out_f &&
                   scale_in.size(1) == in / 32,
@@ -430,6 +431,7 @@ torch::Tensor mxfp4_linear(const torch::Tensor& x_in, const torch::Tensor& weigh
 torch::Tensor fp8_linear(const torch::Tensor& x_in, const torch::Tensor& weight_in,
                          const torch::Tensor& scale_in, int64_t prefill_rows, bool fp32_out) {
   TORCH_CHECK(weight_in.dim() == 2 && is_byte(weight_in), "FP8 weight: 2-D float8_e4m3fn");
+  TORCH_CHECK(weight_in.device().is_cpu() && scale_in.device().is_cpu(), "FP8: weight and scale on the CPU");
   const int64_t out_f = weight_in.size(0), in = weight_in.size(1), nbi = ceil_div(in, 128);
   TORCH_CHECK(scale_in.dim() == 2 && scale_in.size(0) == ceil_div(out_f, 128) && scale_in.size(1) == nbi,
               "FP8 scale grid: [", ceil_div(out_f, 128), ", ", nbi, "], got ", scale_in.sizes());
