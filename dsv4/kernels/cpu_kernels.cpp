@@ -29,7 +29,7 @@ constexpr int64_t kF8Chunk = 64;   // e4m3 values in one 64-byte load
 constexpr int64_t kTileRows = 16;  // weight rows per work item; divides the 128-row FP8 block
 constexpr int64_t kGroup = 4;      // x rows sharing one expansion of the weight codes
 constexpr int64_t kSegment = 1024;  // inputs per pass when a group's x would not fit in L1
-constexpr int64_t kL1Bytes = 32 << 10;
+constexpr int64_t kL1Bytes = 32 << 10;  // of the 48 KB L1d, leaving room for the weight tile
 #ifndef DSV4_PF_HINT
 #define DSV4_PF_HINT _MM_HINT_T0
 #endif
@@ -386,7 +386,10 @@ torch::Tensor f8_decode(const uint8_t* w, const float* sc, int64_t nbi, int64_t 
       if (rb != cur) {
         cur = rb;
         for (int64_t m = 0; m < M; ++m)
-          for (int64_t i = 0; i < kp; ++i) xs[m * kp + i] = xd[m * kp + i] * sc[rb * nbi + i / 128];
+          for (int64_t i0 = 0; i0 < kp; i0 += 128) {  // kp is a multiple of 64, not of 128
+            const float s = sc[rb * nbi + i0 / 128];
+            for (int64_t i = i0; i < std::min(kp, i0 + 128); ++i) xs[m * kp + i] = xd[m * kp + i] * s;
+          }
       }
       for_tile(r0, std::min(out_f, r0 + kTileRows), M, kp / kF8Chunk, kF8Chunk,
                [&](auto g, int64_t r, int64_t m0, int64_t c0, int64_t c1) {
