@@ -1,11 +1,16 @@
 """Quantized-weight matmuls for the CPU: compiled AVX-512 kernels with a plain-torch fallback.
 
 `mxfp4_linear` and `fp8_linear` compute `x @ dequant(W).T` in fp32 for the two weight formats of
-`dsv4.quant`, returning x's dtype. The compiled path (`cpu_kernels.cpp`) is built on first use with
-`torch.utils.cpp_extension.load` into `~/.cache/dsv4/kernels/<hash>`, the hash covering the source,
-the flags, the torch version and the CPU's flags (the build uses `-march=native`). It needs a C++
-compiler, `ninja` and an AVX-512 CPU; without them, or with `DSV4_KERNELS=torch`, every call takes
-the fallback (dequantize row chunks, then matmul), after one warning.
+`dsv4.quant`, returning x's dtype; `*_torch` are the fallbacks, which are the reference math and
+what the tests compare against. For a few rows of x (decode) the compiled kernels stream the
+weight once and expand codes in registers; from `*_PREFILL_ROWS` rows on they dequantize tiles
+and call at::mm. Calls that autograd must differentiate always take the fallback.
+
+The compiled path (`cpu_kernels.cpp`) is built on first use with `torch.utils.cpp_extension.load`
+into `~/.cache/dsv4/kernels/<hash>`, the hash covering the source, the flags, the torch version
+and the CPU's flags (the build uses `-march=native`). It needs a C++ compiler, `ninja` and an
+AVX-512 CPU; without them, or with `DSV4_KERNELS=torch`, every call takes the fallback, after one
+warning.
 
 This module knows the weight formats only; which layer uses which format is `dsv4.ops`'s business.
 """
@@ -39,7 +44,7 @@ _ext = None  # the compiled module once built; False once it is known to be unus
 
 
 def backend() -> str:
-    """ "compiled" or "torch": what the next call will use (`DSV4_KERNELS=torch` forces torch)."""
+    """Which path the next call takes, "compiled" or "torch" (`DSV4_KERNELS=torch` forces torch)."""
     return "compiled" if available() else "torch"
 
 
