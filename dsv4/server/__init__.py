@@ -81,5 +81,8 @@ def serve(args: argparse.Namespace) -> int:
                      sampling_defaults=_sampling_defaults(args))  # fmt: skip
     print(f"dsv4 serve: {name} on http://{args.host}:{args.port}/ (API at /v1, metrics at /metrics)",
           file=sys.stderr, flush=True)  # fmt: skip
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    finally:
+        app.state.server.worker.close()
     return 0

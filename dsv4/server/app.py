@@ -10,7 +10,6 @@ It knows HTTP and the OpenAI API, not the model math.
 from __future__ import annotations
 
 import time
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -169,7 +168,9 @@ def create_app(engine, *, model_name: str, api_key: str | None = None, max_queue
     max_running sequences decode together; up to max_queue more wait; beyond that requests get a 429.
     The context is the model's max_seq_len, or max_context if smaller; a request without max_tokens
     gets the room left, at most default_max_tokens (or sampling_defaults["max_tokens"]).
-    sampling_defaults (SamplingParams fields) fill what a request leaves out.
+    sampling_defaults (SamplingParams fields) fill what a request leaves out. The generation thread
+    starts here and runs until `app.state.server.worker.close()` (a daemon thread: it never holds the
+    process open); app lifespans are left alone, so test clients that run them do not stop it.
     """
     context = min(engine.config.max_seq_len, max_context or engine.config.max_seq_len)
     limits = Limits(
@@ -178,13 +179,7 @@ def create_app(engine, *, model_name: str, api_key: str | None = None, max_queue
     worker = Worker(engine, max_running=max_running, max_queue=max_queue, max_step_tokens=max_step_tokens)
     srv = Server(engine, worker, model_name=model_name, limits=limits)
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        yield
-        worker.close()
-
-    app = FastAPI(title="dsv4", summary="DeepSeek V4: an OpenAI-compatible API", lifespan=lifespan,
-                  redoc_url=None)  # fmt: skip
+    app = FastAPI(title="dsv4", summary="DeepSeek V4: an OpenAI-compatible API", redoc_url=None)
     app.state.server = srv
     install_error_handlers(app)
     _add_api_routes(app, srv)

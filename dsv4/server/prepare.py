@@ -66,7 +66,8 @@ def sampling_fields(req: SamplingFields, limits: Limits) -> dict[str, Any]:
         out["stop"] = [req.stop] if isinstance(req.stop, str) else list(req.stop)
     if req.stop_token_ids:
         out["stop_token_ids"] = list(req.stop_token_ids)
-    out["ignore_eos"] = req.ignore_eos
+    if req.ignore_eos is not None:
+        out["ignore_eos"] = req.ignore_eos
     return out
 
 

@@ -50,6 +50,7 @@ def _safe_content(text: str) -> str:
 def safe_split(text: str, thinking: bool) -> tuple[str, str]:
     """(reasoning, content) of a reply so far that no continuation can change, only extend."""
     text = text.split(EOS, 1)[0]
+    text = text[: len(text) - _held(text, (EOS,))]  # the parser drops everything from EOS on
     if not thinking:
         if len(text) < len(THINK_END) and THINK_END.startswith(text):
             return "", ""

@@ -89,7 +89,7 @@ class SamplingFields(_Model):
     repetition_penalty: float | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = Field(None, max_length=64)
-    ignore_eos: bool = False
+    ignore_eos: bool | None = None
     max_tokens: int | None = Field(None, ge=1)
     seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     n: int = Field(1, ge=1, le=MAX_N)

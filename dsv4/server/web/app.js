@@ -72,6 +72,7 @@
       const details = el.querySelector("details.reasoning");
       if (view.reasoning) {
         details.hidden = false;
+        details.querySelector("summary").textContent = view.done ? "Reasoning" : "Thinking…";
         details.querySelector(".md").innerHTML = md.render(view.reasoning);
       }
       el.querySelector(".content").innerHTML = md.render(view.content);
@@ -157,6 +158,7 @@
       if (e.name === "AbortError") view.note("[stopped]");
       else (view.el.classList.add("error"), view.note("error: " + e.message));
     } finally {
+      view.done = true;
       view.render();
       if (chat.controller === controller) {
         chat.controller = null;
