@@ -24,6 +24,18 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from .checkpoint import Checkpoint
+    from .config import ModelConfig
+    from .memory import parse_size
+    from .plan import make_plan, render
+
+    model = _model_dir(args)
+    cfg, ckpt = ModelConfig.from_file(model), Checkpoint(model)
+    print(render(make_plan(ckpt, cfg, parse_size(args.ram), parse_size(args.vram)), ckpt, cfg))
+    return 0
+
+
 def cmd_tiny(args: argparse.Namespace) -> int:
     from .config import ModelConfig
     from .tiny import random_weights, tiny_config, write_checkpoint
@@ -50,7 +62,7 @@ def _load(args: argparse.Namespace):
     import dsv4
 
     return dsv4.load(_model_dir(args), device=args.device, dtype=args.dtype, numerics=args.numerics,
-                     progress=sys.stderr.isatty())  # fmt: skip
+                     max_ram=args.max_ram, max_vram=args.max_vram, progress=sys.stderr.isatty())  # fmt: skip
 
 
 def _sampling(args: argparse.Namespace) -> dict:
@@ -176,6 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--numerics", default="exact", choices=["exact", "released"],
                    help="exact = transformers' math; released = official FP8 KV / FP4 indexer rounding")  # fmt: skip
+    g.add_argument("--max-ram", default="auto",
+                   help="RAM budget (12G, 512M): experts beyond it are read from disk on demand; "
+                        "'auto' (default) plans from the free memory, 'none' loads everything")  # fmt: skip
+    g.add_argument("--max-vram", default=None, help="GPU memory budget for the expert cache (CUDA only)")
     g = common.add_argument_group("sampling")
     g.add_argument("--max-tokens", type=int, default=256)
     g.add_argument(
@@ -204,6 +220,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--think", action="store_true", help="start in thinking mode")
     sp.add_argument("--system", default=None, help="system prompt")
     sp.set_defaults(fn=cmd_chat)
+
+    sp = sub.add_parser("plan", help="where each part goes under memory budgets, and the expected speed")
+    sp.add_argument("--model", type=Path, default=None, help="checkpoint folder (default: the bundled demo model)")
+    sp.add_argument("--ram", default=None, help="RAM budget (default: the available memory)")
+    sp.add_argument("--vram", default=None, help="GPU memory budget")
+    sp.set_defaults(fn=cmd_plan)
 
     sp = sub.add_parser(
         "tiny", help="write a small random checkpoint in the official layout (for trying things)"

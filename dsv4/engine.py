@@ -123,6 +123,16 @@ class Engine:
         outs = [s.output for s in seqs]
         return outs if many else outs[0]
 
+    def stats(self) -> dict[str, Any]:
+        """Expert-cache and memory figures (for --stats, the server's /metrics, benchmarks)."""
+        from .memory import peak_rss_bytes, rss_bytes
+
+        out: dict[str, Any] = {"rss_bytes": rss_bytes(), "peak_rss_bytes": peak_rss_bytes()}
+        store = getattr(self.model, "store", None)
+        if store is not None:
+            out["expert_cache"] = {**store.stats.as_dict(), "used_bytes": store.used_bytes, "budget_bytes": store.budget_bytes}
+        return out
+
     def new_state(self) -> SeqState:
         return self.model.new_state()
 

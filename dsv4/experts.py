@@ -120,10 +120,13 @@ class ExpertStore:
     policy: str = "lfu"
     workers: int = 4
     release_page_cache: bool = True
+    group_bytes: int = 1 << 62  # at most this many bytes of experts requested (and held) at once
+    prefetch_bytes: int = 1 << 62  # at most this many bytes of prefetch reads in flight
     lower: ExpertStore | None = None  # a slower tier to read misses from (RAM under GPU memory); else disk
     stats: StoreStats = field(default_factory=StoreStats)
 
     def __post_init__(self):
+        _return_freed_memory()
         if self.policy not in POLICIES:
             raise ValueError(f"unknown cache policy {self.policy!r}; use one of {sorted(POLICIES)}")
         self._policy = POLICIES[self.policy]()
@@ -134,11 +137,15 @@ class ExpertStore:
         self._lock = threading.RLock()  # RLock: a read may finish and call back while we hold it
         self._pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="dsv4-expert-read")
         self._fds: dict[str, int] = {}
+        self._sizes: dict[Key, int] = {}
 
     # ---- public ----
 
     def expert_bytes(self, prefix: str, e: int) -> int:
-        return sum(self.ckpt.location(n)[2] for n in self._names(prefix, e))
+        key = (prefix, e)
+        if key not in self._sizes:
+            self._sizes[key] = sum(self.ckpt.location(n)[2] for n in self._names(prefix, e) if n in self.ckpt)
+        return self._sizes[key]
 
     @property
     def used_bytes(self) -> int:
@@ -167,12 +174,32 @@ class ExpertStore:
         self._admit({k: out[k[1]] for k in futures}, protect=set(keys))
         return out
 
+    def set_budget(self, nbytes: int) -> None:
+        """Change the budget, evicting (policy order) down to it at once."""
+        with self._lock:
+            self.budget_bytes = nbytes
+            while self._used > nbytes:
+                victim = self._policy.victim(set())
+                if victim is None:
+                    break
+                self._used -= self._cache.pop(victim).nbytes
+                self._policy.remove(victim)
+                self.stats.evictions += 1
+
+    def group(self, prefix: str) -> int:
+        """How many experts of a layer the MoE should ask for at once (bounds the memory they hold)."""
+        return max(1, self.group_bytes // max(self.expert_bytes(prefix, 0), 1))
+
     def prefetch(self, prefix: str, ids: list[int]) -> None:
         """Start reading experts that will be needed soon (no-op for cached or in-flight ones)."""
         with self._lock:
+            room = self.prefetch_bytes - len(self._prefetching) * self.expert_bytes(prefix, 0)
             for e in ids:
                 k = (prefix, e)
+                if room < self.expert_bytes(prefix, 0):
+                    break  # more would only push out experts that are as likely to be needed
                 if k not in self._cache and k not in self._inflight:
+                    room -= self.expert_bytes(prefix, 0)
                     self._prefetching.add(k)
                     self.stats.prefetched += 1
                     self._start_read(k)
@@ -274,6 +301,23 @@ class ExpertStore:
         return tuple(out)
 
 
+def _return_freed_memory() -> None:
+    """Make glibc serve every block of 1 MiB or more from mmap, returned to the OS when freed.
+
+    Its default threshold grows after big blocks are freed, after which evicted experts' buffers are
+    recycled inside the heap (and per-thread arenas) instead of given back, and the process's resident
+    memory creeps past the budget. Not glibc (or not Linux): nothing to do.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-8, 2)  # M_ARENA_MAX
+    except (OSError, AttributeError):
+        pass
+
+
 def _to_device(w: Weight, device: torch.device) -> Weight:
     if device.type == "cpu":
         return w
@@ -288,6 +332,10 @@ class LayerExperts:
     def __init__(self, store: ExpertStore, prefix: str):
         self.store, self.prefix = store, prefix
         self.next_router = None  # the next layer's MoE (for early routing), wired by `attach`
+
+    @property
+    def group(self) -> int:
+        return self.store.group(self.prefix)
 
     def get(self, ids: list[int]) -> dict[int, ExpertWeights]:
         return self.store.get(self.prefix, ids)

@@ -13,7 +13,7 @@ import torch
 from .checkpoint import Checkpoint
 from .config import ModelConfig
 from .experts import ExpertStore, attach
-from .memory import parse_size, rss_bytes
+from .memory import available_bytes, parse_size, rss_bytes
 from .model import Numerics, Transformer
 
 NUMERICS = ("exact", "released")
@@ -27,7 +27,9 @@ def parse_numerics(dtype: torch.dtype | str, numerics: str) -> Numerics:
             raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(names)}")
         dtype = names[dtype]
     if numerics not in NUMERICS:
-        raise ValueError(f"unknown numerics {numerics!r}; use 'exact' (transformers) or 'released' (official)")
+        raise ValueError(
+            f"unknown numerics {numerics!r}; use 'exact' (transformers) or 'released' (official)"
+        )
     return Numerics(dtype=dtype, released=numerics == "released")
 
 
@@ -45,10 +47,12 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: t
     ckpt = Checkpoint(path)
     ckpt.validate(cfg)
     device = torch.device(device)
-    ram, vram = parse_size(max_ram), parse_size(max_vram)
+    ram, vram = _ram_budget(max_ram, ckpt, cfg), parse_size(max_vram)
     store = None
     if ram is not None or vram is not None:
-        store = ExpertStore(ckpt, budget_bytes=0, dtype=parse_numerics(dtype, numerics).dtype, policy=cache_policy)
+        store = ExpertStore(
+            ckpt, budget_bytes=0, dtype=parse_numerics(dtype, numerics).dtype, policy=cache_policy
+        )
         if device.type == "cuda":
             store = ExpertStore(ckpt, budget_bytes=vram or 0, device=device, policy=cache_policy, lower=store)
     model = _build(cfg, ckpt, device, parse_numerics(dtype, numerics), store, progress)
@@ -58,6 +62,17 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: t
         attach(model, store)
     model.store = store
     return model, ckpt
+
+
+def _ram_budget(max_ram, ckpt: Checkpoint, cfg: ModelConfig) -> int | None:
+    """'auto': everything resident if the checkpoint fits in 85 % of the free memory, else that budget."""
+    if max_ram is None or (isinstance(max_ram, str) and max_ram.lower() == "none"):
+        return None
+    if isinstance(max_ram, str) and max_ram.lower() == "auto":
+        total = sum(ckpt.nbytes(n) for n in ckpt.names())
+        free = int(available_bytes() * 0.85)
+        return None if total + rss_bytes() < free else free
+    return parse_size(max_ram)
 
 
 def _build(cfg, ckpt, device, numerics, store, progress) -> Transformer:
@@ -85,15 +100,18 @@ def _size_ram_tier(store: ExpertStore, ram: int | None, cfg: ModelConfig) -> Non
     ram_tier = store.lower if store.lower is not None else store
     one = ram_tier.expert_bytes("layers.0.ffn.experts", 0)
     if ram is None:
-        ram_tier.budget_bytes = 1 << 62  # no RAM limit: cache everything that gets read
+        ram_tier.set_budget(1 << 62)  # no RAM limit: cache everything that gets read
         return
-    reserve = max(64 << 20, ram // 20)
+    reserve = max(128 << 20, ram // 10)  # activations, KV state, reader threads, allocator slack
     left = ram - rss_bytes() - reserve
-    need = 2 * cfg.n_activated_experts * one
+    # experts handed to a layer at once, and prefetches in flight, live outside the cache's budget
+    working = max(cfg.n_activated_experts * one, left // 10)
+    need = cfg.n_activated_experts * one + 2 * working
     if left < need:
         raise ValueError(
             f"--max-ram {ram / 2**30:.2f} GiB is too small: the process already uses {rss_bytes() / 2**30:.2f} GiB "
             f"with the dense weights loaded, and the expert cache needs at least {need / 2**20:.0f} MiB more "
-            f"(two layers' active experts) plus a {reserve / 2**20:.0f} MiB reserve"
+            f"plus a {reserve / 2**20:.0f} MiB reserve"
         )
-    ram_tier.budget_bytes = left
+    ram_tier.group_bytes = ram_tier.prefetch_bytes = working
+    ram_tier.set_budget(left - 2 * working)

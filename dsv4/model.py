@@ -439,10 +439,16 @@ class MoE(nn.Module):
             prefetch_next(x, tokens)
         y = ops.expert_mlp(x, *self.shared.weights(), self.limit).float()
         used = torch.unique(ids).tolist()
-        for e, (w1, w2, w3) in self.experts.get(used).items():
-            rows, slot = torch.where(ids == e)
-            out = ops.expert_mlp(x[rows], w1, w2, w3, self.limit, weights[rows, slot, None])
-            y = y.index_add(0, rows, out.float())
+        group = getattr(self.experts, "group", None) or len(used)  # a store bounds how many it hands out at once
+        for i in range(0, len(used), group):
+            chunk = used[i : i + group]
+            got = self.experts.get(chunk)
+            for e in chunk:  # a fixed order: the sum must not depend on where experts came from
+                w1, w2, w3 = got[e]
+                rows, slot = torch.where(ids == e)
+                out = ops.expert_mlp(x[rows], w1, w2, w3, self.limit, weights[rows, slot, None])
+                y = y.index_add(0, rows, out.float())
+            del got
         return y.to(x.dtype)
 
 

@@ -1,0 +1,118 @@
+"""Where each part of a checkpoint goes for given memory budgets, and the decode speed that implies.
+
+Decode of one sequence is bound by bytes moved per token: every dense weight once, plus the active
+routed experts, each from wherever it lives (GPU memory, RAM, or the disk). The planner measures this
+machine's RAM and disk read bandwidth, assumes uniform routing for the cache hit rate (real routing is
+skewed, so actual hit rates run higher), and prints the layout and the bound. It reads no weights.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .checkpoint import Checkpoint
+from .config import ModelConfig
+from .inspect import human, summarize
+from .memory import available_bytes
+
+
+@dataclass
+class Plan:
+    dense_bytes: int
+    expert_bytes: int  # all routed experts
+    expert_bytes_per_token: int  # the active ones, all layers
+    head_bytes: int
+    ram_budget: int | None
+    vram_budget: int | None
+    cache_bytes: int  # routed experts that fit in RAM (and VRAM)
+    ram_gbs: float
+    disk_gbs: float
+
+    @property
+    def resident(self) -> bool:
+        return self.cache_bytes >= self.expert_bytes
+
+    @property
+    def hit_rate(self) -> float:
+        return min(1.0, self.cache_bytes / self.expert_bytes) if self.expert_bytes else 1.0
+
+    @property
+    def seconds_per_token(self) -> float:
+        ram, disk = self.ram_gbs * 1e9, self.disk_gbs * 1e9
+        experts = self.expert_bytes_per_token * (self.hit_rate / ram + (1 - self.hit_rate) / disk)
+        return self.dense_bytes / ram + experts
+
+    @property
+    def tokens_per_second(self) -> float:
+        return 1.0 / self.seconds_per_token
+
+
+def measure_ram_gbs(nbytes: int = 256 << 20, repeats: int = 3) -> float:
+    """Read bandwidth of this process: the best of a few full sums over a buffer larger than cache."""
+    x = torch.ones(nbytes // 4, dtype=torch.float32)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t)
+    return nbytes / best / 1e9
+
+
+def measure_disk_gbs(ckpt: Checkpoint, nbytes: int = 128 << 20) -> float:
+    """Cold sequential read speed of the checkpoint's largest shard (page cache dropped for it first)."""
+    files = sorted({e.file for e in ckpt.entries.values()}, key=lambda f: f.stat().st_size, reverse=True)
+    path = files[0]
+    n = min(nbytes, path.stat().st_size)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, n, os.POSIX_FADV_DONTNEED)
+        t, done = time.perf_counter(), 0
+        while done < n:
+            chunk = os.pread(fd, min(8 << 20, n - done), done)
+            if not chunk:
+                break
+            done += len(chunk)
+        seconds = time.perf_counter() - t
+        os.posix_fadvise(fd, 0, n, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    return done / max(seconds, 1e-9) / 1e9
+
+
+def make_plan(ckpt: Checkpoint, cfg: ModelConfig, ram: int | None = None, vram: int | None = None,
+              runtime_bytes: int = 600 << 20) -> Plan:  # fmt: skip
+    """Budgets in bytes; None means all of the machine's available RAM (no GPU tier)."""
+    s = summarize(ckpt, cfg)
+    per_token = s.expert_bytes * cfg.n_activated_experts // max(cfg.n_routed_experts, 1)
+    head = ckpt.nbytes("head.weight")
+    budget = ram if ram is not None else available_bytes()
+    cache = max(0, budget - s.dense_bytes - runtime_bytes) + (vram or 0)
+    # the embedding is read one row per token, not whole
+    dense_read = s.dense_bytes - ckpt.nbytes("embed.weight")
+    return Plan(dense_read, s.expert_bytes, per_token, head, ram, vram, min(cache, s.expert_bytes),
+                measure_ram_gbs(), measure_disk_gbs(ckpt))  # fmt: skip
+
+
+def render(plan: Plan, ckpt: Checkpoint, cfg: ModelConfig) -> str:
+    rows = [
+        ("dense weights (attention, shared experts, router, mHC, norms, head)", "RAM", plan.dense_bytes),
+        ("routed experts cached", "VRAM + RAM" if plan.vram_budget else "RAM", plan.cache_bytes),
+        ("routed experts read on demand", "disk (checkpoint shards)", plan.expert_bytes - plan.cache_bytes),
+    ]
+    out = [f"plan for {ckpt.path} ({cfg.n_layers} layers, {cfg.n_routed_experts} experts x {cfg.n_activated_experts} active)",
+           f"budget: RAM {human(plan.ram_budget) if plan.ram_budget else 'all available'}"
+           + (f", VRAM {human(plan.vram_budget)}" if plan.vram_budget else ""),
+           "", "| part | where | bytes |", "|---|---|---|"]  # fmt: skip
+    out += [f"| {name} | {where} | {human(b)} |" for name, where, b in rows]
+    out += [
+        "",
+        f"measured: RAM read {plan.ram_gbs:.1f} GB/s, disk read {plan.disk_gbs:.2f} GB/s",
+        f"per token: {human(plan.dense_bytes)} dense + {human(plan.expert_bytes_per_token)} of experts, "
+        f"expected cache hit rate >= {plan.hit_rate:.0%} (uniform routing)",
+        f"bandwidth-bound decode: {plan.tokens_per_second:.2f} tokens/s",
+    ]
+    return "\n".join(out)
