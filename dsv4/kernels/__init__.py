@@ -4,7 +4,8 @@
 `dsv4.quant`, returning x's dtype; `*_torch` are the fallbacks, which are the reference math and
 what the tests compare against. For a few rows of x (decode) the compiled kernels stream the
 weight once and expand codes in registers; from `*_PREFILL_ROWS` rows on they dequantize tiles
-and call at::mm. Calls that autograd must differentiate always take the fallback.
+and call at::mm (a bf16 GEMM when x is bf16 and so is the result: exact products, fp32 sums).
+Calls that autograd must differentiate always take the fallback.
 
 The compiled path (`cpu_kernels.cpp`) is built on first use with `torch.utils.cpp_extension.load`
 into `~/.cache/dsv4/kernels/<hash>`, the hash covering the source, the flags, the torch version
@@ -31,11 +32,17 @@ from ..quant import dequant_fp8_block, dequant_mxfp4
 _SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 _CFLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17"]
 _LDFLAGS = ["-fopenmp"]
-# From this many rows of x on, dequantizing tiles for at::mm beats expanding codes in registers
-# (single-thread crossover measured with bench/bench_kernels.py-style runs: FP8 decode amortises
-# its e4m3 expansion over fewer FMAs than MXFP4 does, so it hands over earlier).
-MXFP4_PREFILL_ROWS = 40
-FP8_PREFILL_ROWS = 20
+# From this many rows of x on, dequantizing tiles for a GEMM beats expanding codes in registers;
+# keyed by format and GEMM dtype (bf16 when x is bf16, the output is not asked for in fp32, the
+# CPU has bf16 dot products and, for FP8, the scales are e8m0). Single-thread crossovers measured
+# on the development Xeon: FP8 decode amortises its e4m3 expansion over fewer FMAs than MXFP4
+# does, and the bf16 GEMM is ~2-4x the fp32 one, so those hand over earlier.
+PREFILL_ROWS = {
+    ("mxfp4", torch.float32): 40,
+    ("mxfp4", torch.bfloat16): 20,
+    ("fp8", torch.float32): 20,
+    ("fp8", torch.bfloat16): 12,
+}
 # The fallback dequantizes at most this many weight elements at a time (64 MB of fp32).
 _FALLBACK_CHUNK = 1 << 24
 
@@ -152,7 +159,13 @@ def mxfp4_linear(
     ext = _compiled(x, weight, scale, byte_scale=True)
     if ext is None:
         return mxfp4_linear_torch(x, weight, scale, out_dtype=out_dtype)
-    y = ext.mxfp4_linear(x, weight, scale, MXFP4_PREFILL_ROWS, out_dtype == torch.float32)
+    fp32_out = out_dtype == torch.float32
+    gemm = (
+        torch.bfloat16
+        if x.dtype == torch.bfloat16 and not fp32_out and ext.has_bf16_gemm()
+        else torch.float32
+    )
+    y = ext.mxfp4_linear(x, weight, scale, PREFILL_ROWS["mxfp4", gemm], fp32_out)
     return y if out_dtype is None else y.to(out_dtype)
 
 
@@ -167,7 +180,11 @@ def fp8_linear(
     ext = _compiled(x, weight, scale, byte_scale=False)
     if ext is None:
         return fp8_linear_torch(x, weight, scale, out_dtype=out_dtype)
-    y = ext.fp8_linear(x, weight, scale, FP8_PREFILL_ROWS, out_dtype == torch.float32)
+    fp32_out = out_dtype == torch.float32
+    bf16 = x.dtype == torch.bfloat16 and not fp32_out and scale.dtype in _BYTE_DTYPES and ext.has_bf16_gemm()
+    y = ext.fp8_linear(
+        x, weight, scale, PREFILL_ROWS["fp8", torch.bfloat16 if bf16 else torch.float32], fp32_out
+    )
     return y if out_dtype is None else y.to(out_dtype)
 
 

@@ -45,6 +45,14 @@ alignas(64) const float kE2M1[16] = {0.f,  .5f,  1.f,  1.5f,  2.f,  3.f,  4.f,  
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Stores 16 dequantized weights as fp32, or as bf16 by dropping the low 16 bits: exact, because
+// e2m1 and e4m3 values times a power-of-two scale have at most 4 significant bits.
+inline void store16(float* dst, __m512 v) { _mm512_storeu_ps(dst, v); }
+inline void store16(at::BFloat16* dst, __m512 v) {
+  const __m256i hi = _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(v), 16));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), hi);
+}
+
 // ---- column permutations -------------------------------------------------------------------
 // MXFP4: a 64-byte load viewed as 16 dwords holds 8 nibbles per dword. Shifting right by 4k and
 // using vpermps (which reads only the low 4 index bits) yields lane d = code 8d+k of the chunk.
@@ -192,14 +200,15 @@ inline void mx_row(const uint8_t* w, const uint8_t* s, int64_t in, int64_t c0, i
   for (int m = 0; m < M; ++m) y[m * ldy] += _mm512_reduce_add_ps(acc[m]);
 }
 
-// Rows [r0, r1) of the weight -> fp32 in permuted column order, row stride kp.
+// Rows [r0, r1) of the weight -> fp32 or bf16 (T) in permuted column order, row stride kp.
+template <class T>
 void mx_dequant(const uint8_t* w, const uint8_t* s, int64_t in, int64_t r0, int64_t r1, int64_t kp,
-                float* dst) {
+                T* dst) {
   const __m512 tab = _mm512_load_ps(kE2M1);
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* wr = w + r * (in / 2);
     const uint8_t* sr = s + r * (in / 32);
-    float* d = dst + (r - r0) * kp;
+    T* d = dst + (r - r0) * kp;
     for (int64_t c = 0; c < kp / kMxChunk; ++c) {
       __m512i codes;
       __m512 sc;
@@ -207,7 +216,7 @@ void mx_dequant(const uint8_t* w, const uint8_t* s, int64_t in, int64_t r0, int6
 #pragma GCC unroll 8
       for (int k = 0; k < 8; ++k) {
         const __m512 v = _mm512_permutexvar_ps(_mm512_srli_epi32(codes, 4 * k), tab);
-        _mm512_storeu_ps(d + c * kMxChunk + 16 * k, _mm512_mul_ps(v, sc));
+        store16(d + c * kMxChunk + 16 * k, _mm512_mul_ps(v, sc));
       }
     }
   }
@@ -272,17 +281,18 @@ std::vector<float> f8_scales(const torch::Tensor& scale) {
   return out;
 }
 
+template <class T>
 void f8_dequant(const uint8_t* w, const float* sc, int64_t nbi, int64_t in, int64_t r0, int64_t r1,
-                int64_t kp, float* dst) {
+                int64_t kp, T* dst) {
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* wr = w + r * in;
     const float* srow = sc + (r / 128) * nbi;
-    float* d = dst + (r - r0) * kp;
+    T* d = dst + (r - r0) * kp;
     for (int64_t c = 0; c < kp / kF8Chunk; ++c) {
       __m512 f[4];
       e4m3_expand(f8_load(wr, in, c), f);
       const __m512 s = _mm512_set1_ps(srow[c / 2]);  // two 64-chunks per 128-column block
-      for (int q = 0; q < 4; ++q) _mm512_storeu_ps(d + c * kF8Chunk + 16 * q, _mm512_mul_ps(f[q], s));
+      for (int q = 0; q < 4; ++q) store16(d + c * kF8Chunk + 16 * q, _mm512_mul_ps(f[q], s));
     }
   }
 }
@@ -315,13 +325,15 @@ inline void for_tile(int64_t r0, int64_t r1, int64_t M, int64_t nch, int64_t chu
 }
 
 // Prefill: dequantize row chunks of at most ~4 MB into one buffer (in parallel) and at::mm them.
-template <class DequantFn>
+// T = float gives fp32 y; T = at::BFloat16 (xp then bf16 too) gives bf16 y from the bf16 GEMM,
+// whose products are exact and sums fp32, i.e. the fp32 result rounded once to bf16.
+template <class T, class DequantFn>
 torch::Tensor dequant_mm(const torch::Tensor& xp, int64_t out_f, DequantFn&& dequant) {
   const int64_t M = xp.size(0), kp = xp.size(1);
   auto y = torch::empty({M, out_f}, xp.options());
-  const int64_t chunk = std::max<int64_t>(kTileRows, ((1 << 20) / kp) / kTileRows * kTileRows);
+  const int64_t chunk = std::max<int64_t>(kTileRows, ((1 << 22) / sizeof(T) / kp) / kTileRows * kTileRows);
   auto buf = torch::empty({std::min(chunk, out_f), kp}, xp.options());
-  float* b = buf.data_ptr<float>();
+  T* b = buf.data_ptr<T>();
   for (int64_t r0 = 0; r0 < out_f; r0 += chunk) {
     const int64_t n = std::min(chunk, out_f - r0);
     at::parallel_for(0, ceil_div(n, kTileRows), 1, [&](int64_t t0, int64_t t1) {
@@ -333,6 +345,21 @@ torch::Tensor dequant_mm(const torch::Tensor& xp, int64_t out_f, DequantFn&& deq
     at::mm_out(yv, xp, buf.narrow(0, 0, n).t());
   }
   return y;
+}
+
+// Whether the CPU has native bf16 dot products (AVX512_BF16, maybe AMX); without them bf16
+// GEMMs are slower than fp32 ones.
+bool has_bf16_gemm() {
+#ifdef __AVX512BF16__
+  return true;
+#else
+  return false;
+#endif
+}
+
+// Whether prefill should run as a bf16 GEMM: only when the result is rounded to bf16 anyway.
+bool bf16_gemm(const torch::Tensor& x_in, bool fp32_out) {
+  return has_bf16_gemm() && x_in.scalar_type() == torch::kBFloat16 && !fp32_out;
 }
 
 // x [..., in] fp32/bf16 -> contiguous fp32 [M, in]; the checks repeat the Python wrapper's for safety.
@@ -421,8 +448,15 @@ torch::Tensor mxfp4_linear(const torch::Tensor& x_in, const torch::Tensor& weigh
   const auto* s = static_cast<const uint8_t*>(scale.data_ptr());
   auto xp = permute_x<kMxChunk, mx_src>(x);
   const int64_t kp = xp.size(1);
+  if (M >= prefill_rows && bf16_gemm(x_in, fp32_out)) {
+    return finish(dequant_mm<at::BFloat16>(xp.to(torch::kBFloat16), out_f,
+                                           [&](int64_t r0, int64_t r1, at::BFloat16* dst) {
+                                             mx_dequant(w, s, in, r0, r1, kp, dst);
+                                           }),
+                  x_in, fp32_out);
+  }
   if (M >= prefill_rows) {
-    return finish(dequant_mm(xp, out_f, [&](int64_t r0, int64_t r1, float* dst) {
+    return finish(dequant_mm<float>(xp, out_f, [&](int64_t r0, int64_t r1, float* dst) {
       mx_dequant(w, s, in, r0, r1, kp, dst);
     }), x_in, fp32_out);
   }
@@ -446,8 +480,16 @@ torch::Tensor fp8_linear(const torch::Tensor& x_in, const torch::Tensor& weight_
   const auto* w = static_cast<const uint8_t*>(weight.data_ptr());
   auto xp = permute_x<kF8Chunk, f8_src>(x);
   const int64_t kp = xp.size(1);
+  // fp32 block scales make weight * scale inexact in bf16, so only e8m0 scales go to bf16.
+  if (M >= prefill_rows && is_byte(scale_in) && bf16_gemm(x_in, fp32_out)) {
+    return finish(dequant_mm<at::BFloat16>(xp.to(torch::kBFloat16), out_f,
+                                           [&](int64_t r0, int64_t r1, at::BFloat16* dst) {
+                                             f8_dequant(w, sc.data(), nbi, in, r0, r1, kp, dst);
+                                           }),
+                  x_in, fp32_out);
+  }
   if (M >= prefill_rows) {
-    return finish(dequant_mm(xp, out_f, [&](int64_t r0, int64_t r1, float* dst) {
+    return finish(dequant_mm<float>(xp, out_f, [&](int64_t r0, int64_t r1, float* dst) {
       f8_dequant(w, sc.data(), nbi, in, r0, r1, kp, dst);
     }), x_in, fp32_out);
   }
@@ -457,4 +499,5 @@ torch::Tensor fp8_linear(const torch::Tensor& x_in, const torch::Tensor& weight_
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mxfp4_linear", &mxfp4_linear, "y = x @ dequant_mxfp4(w, s).T, fp32 accumulation");
   m.def("fp8_linear", &fp8_linear, "y = x @ dequant_fp8_block(w, s).T, fp32 accumulation");
+  m.def("has_bf16_gemm", &has_bf16_gemm, "whether bf16 x with bf16 output prefills with a bf16 GEMM");
 }
