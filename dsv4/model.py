@@ -407,7 +407,7 @@ class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig, src: WeightSource, p: str, hashed: bool, numerics: Numerics, experts=None):
         super().__init__()
         self.gate = _param(src.tensor(f"{p}.gate.weight"), torch.float32)
-        self.tid2eid = src.tensor(f"{p}.gate.tid2eid").long() if hashed else None
+        self.register_buffer("tid2eid", src.tensor(f"{p}.gate.tid2eid").long() if hashed else None, persistent=False)
         self.bias = None if hashed else _param(src.tensor(f"{p}.gate.bias"), torch.float32)
         self.shared = Expert(src, f"{p}.shared_experts", numerics.dtype)
         self.experts = experts if experts is not None else ResidentExperts(src, f"{p}.experts", cfg.n_routed_experts, numerics.dtype)

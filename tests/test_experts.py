@@ -141,3 +141,24 @@ def test_decode_stays_within_the_ram_budget(big_experts):
     )
     assert out["peak"] <= 1.1 * BUDGET
     assert out["misses"] > 0 and out["evictions"] > 0
+
+
+def test_two_tiers_read_through(tiny_ckpt):
+    """A fast tier (GPU memory on CUDA machines; here both on the CPU) reads its misses from RAM."""
+    ck = Checkpoint(tiny_ckpt("flash").path)
+    ram = ExpertStore(ck, budget_bytes=1 << 30, dtype=torch.float32)
+    fast = ExpertStore(ck, budget_bytes=0, lower=ram, dtype=torch.float32)
+    fast.set_budget(2 * fast.expert_bytes(L1, 0))
+    a = fast.get(L1, [1, 2, 3])
+    b = ram.get(L1, [1, 2, 3])
+    assert all(torch.equal(x.weight, y.weight) for e in (1, 2, 3) for x, y in zip(a[e], b[e], strict=True))
+    assert fast.used_bytes <= fast.budget_bytes and ram.stats.hits == 3 and ram.stats.misses == 3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_tier_matches_cpu(tiny_ckpt):
+    path = tiny_ckpt("flash").path
+    ids = token_ids(60, 320)
+    cpu = dsv4.load(path, dtype=torch.float32, max_ram="none").logits(ids)
+    gpu = dsv4.load(path, device="cuda", dtype=torch.float32, max_ram="4G", max_vram="64M").logits(ids)
+    assert torch.allclose(gpu.cpu(), cpu, rtol=1e-4, atol=1e-4)
