@@ -1,12 +1,14 @@
 """Benchmark the quantized-weight matmuls against the machine's memory read bandwidth.
 
-Measures the read bandwidth (`tensor.sum()` over 512 MB, best of several), then the GB/s of weight
-bytes (codes + scales) that `dsv4.kernels.mxfp4_linear` / `fp8_linear` stream for batches of 1, 4,
-32 and 128 rows, compiled kernels against the plain-torch fallback, cycling through enough distinct
-weights that they do not sit in cache. Prints a markdown table. A script, not a test: nothing here
-asserts a time.
+Measures the read bandwidth (`tensor.sum()` over 512 MB, best of several, at the start and at the
+end), then the GB/s of weight bytes (codes + scales) that `dsv4.kernels.mxfp4_linear` /
+`fp8_linear` stream for batches of 1, 4, 32 and 128 rows of x, compiled kernels against the
+plain-torch fallback, cycling through enough distinct weights that they do not sit in cache.
+Prints a markdown table; "% of bw" is of the better of the two bandwidth measurements. Timings
+are the best pass: other work on a shared machine only ever slows a pass down. A script, not a
+test: nothing here asserts a time.
 
-    python3 bench/bench_kernels.py [--quick] [--threads N] [--mb MB]
+    python3 bench/bench_kernels.py [--quick] [--threads N] [--mb MB] [--dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -23,6 +25,10 @@ from dsv4.quant import quantize_fp8_block, quantize_mxfp4
 BATCHES = (1, 4, 32, 128)
 MXFP4_SHAPES = ((4096, 2048), (2048, 4096))  # expert w1/w3 and w2 of V4-Flash width
 FP8_SHAPES = ((4096, 4096), (1024, 4096), (32768, 1024))
+HEADER = [
+    "| format | weight x count | batch | compiled GB/s | % of bw | compiled GFLOP/s | torch GB/s | % of bw | speedup |",
+    "|---|---|---|---|---|---|---|---|---|",
+]
 
 
 def read_bandwidth(reps: int) -> float:
@@ -44,10 +50,7 @@ def make_weights(fmt: str, shape: tuple[int, int], total_mb: int) -> list[tuple]
 
 
 def time_pass(fn, weights, x, budget_s: float) -> float:
-    """Best seconds per call over passes through `weights`, repeated until budget_s is spent.
-
-    The best pass, not the mean: on a shared machine the other tenants only ever slow a pass down.
-    """
+    """Best seconds per call over passes through `weights`, repeated until budget_s is spent."""
     fn(x, *weights[0])  # first call: build, allocator warm-up
     best, start = float("inf"), time.perf_counter()
     while True:
@@ -63,35 +66,43 @@ def time_pass(fn, weights, x, budget_s: float) -> float:
             return best
 
 
-def bench_case(fmt, shape, weights, batches, bw, budget_s, dtype, rows):
-    if fmt == "mxfp4":
-        fns = {"compiled": kernels.mxfp4_linear, "torch": kernels.mxfp4_linear_torch}
-    else:
-        fns = {"compiled": kernels.fp8_linear, "torch": kernels.fp8_linear_torch}
+def bench_case(fmt: str, shape, weights, batches, budget_s: float, dtype) -> list[dict]:
+    fns = {
+        "mxfp4": (kernels.mxfp4_linear, kernels.mxfp4_linear_torch),
+        "fp8": (kernels.fp8_linear, kernels.fp8_linear_torch),
+    }[fmt]
     q, s = weights[0]
-    nbytes = q.numel() + s.numel() * s.element_size()
-    in_f = shape[1]
+    out = []
     for m in batches:
-        x = torch.randn(m, in_f).to(dtype)
-        res = {"compiled": None}
-        if kernels.available():
-            res["compiled"] = time_pass(fns["compiled"], weights, x, budget_s)
+        x = torch.randn(m, shape[1]).to(dtype)
+        r = {"fmt": fmt, "shape": shape, "count": len(weights), "batch": m}
+        r["bytes"] = q.numel() + s.numel() * s.element_size()
+        r["flops"] = 2 * m * shape[0] * shape[1]
+        r["compiled"] = time_pass(fns[0], weights, x, budget_s) if kernels.available() else None
         # The fallback is compute-bound (ms per call): a few weights, one pass, say enough.
-        res["torch"] = time_pass(fns["torch"], weights[:3], x, 0)
-        c, t = res["compiled"], res["torch"]
-        gbs = {k: (nbytes / v / 1e9 if v else None) for k, v in res.items()}
-        flops = 2 * m * shape[0] * in_f
-        rows.append(
-            f"| {fmt} | {shape[0]}x{in_f} x{len(weights)} | {m} | "
-            + (
-                f"{gbs['compiled']:.1f} | {100 * gbs['compiled'] / bw:.0f} % | {flops / c / 1e9:.0f} | "
-                if c
-                else "- | - | - | "
-            )
-            + f"{gbs['torch']:.2f} | {100 * gbs['torch'] / bw:.1f} % | "
-            + (f"{t / c:.0f}x |" if c else "- |")
+        r["torch"] = time_pass(fns[1], weights[:3], x, 0)
+        c = f"{r['bytes'] / r['compiled'] / 1e9:.1f} GB/s" if r["compiled"] else "-"
+        print(
+            f"{fmt} {shape[0]}x{shape[1]} batch {m}: compiled {c}, torch {r['bytes'] / r['torch'] / 1e9:.2f} GB/s"
         )
-        print(rows[-1], flush=True)
+        out.append(r)
+    return out
+
+
+def table(results: list[dict], bw: float) -> list[str]:
+    rows = list(HEADER)
+    for r in results:
+        c, t = r["compiled"], r["torch"]
+        gb_t = r["bytes"] / t / 1e9
+        comp = "- | - | - | "
+        if c:
+            gb_c = r["bytes"] / c / 1e9
+            comp = f"{gb_c:.1f} | {100 * gb_c / bw:.0f} % | {r['flops'] / c / 1e9:.0f} | "
+        rows.append(
+            f"| {r['fmt']} | {r['shape'][0]}x{r['shape'][1]} x{r['count']} | {r['batch']} | {comp}"
+            f"{gb_t:.2f} | {100 * gb_t / bw:.1f} % | " + (f"{t / c:.0f}x |" if c else "- |")
+        )
+    return rows
 
 
 def main() -> None:
@@ -115,25 +126,22 @@ def main() -> None:
         f"threads {torch.get_num_threads()}, x {args.dtype}, compiled kernels: {built} "
         f"({time.perf_counter() - t0:.1f} s to load), load average {load:.2f}"
     )
-    bw = read_bandwidth(4 if args.quick else 8)
-    print(f"memory read bandwidth (sum over 512 MB): {bw:.1f} GB/s\n")
-    rows = [
-        "| format | weight x count | batch | compiled GB/s | % of bw | compiled GFLOP/s | torch GB/s | % of bw | speedup |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    print("\n".join(rows), flush=True)
+    bw_start = read_bandwidth(4 if args.quick else 8)
+    print(f"memory read bandwidth (sum over 512 MB): {bw_start:.1f} GB/s")
+    results = []
     for fmt, shapes in (("mxfp4", MXFP4_SHAPES), ("fp8", FP8_SHAPES)):
         for shape in shapes:
             weights = make_weights(fmt, shape, total_mb)
-            bench_case(fmt, shape, weights, batches, bw, budget_s, dtype, rows)
+            results += bench_case(fmt, shape, weights, batches, budget_s, dtype)
             del weights
-    bw_end = read_bandwidth(4)
+    bw_end = read_bandwidth(4 if args.quick else 8)
+    bw = max(bw_start, bw_end)
     print(
-        f"\nread bandwidth {bw:.1f} GB/s at the start, {bw_end:.1f} at the end; load average "
+        f"\nread bandwidth {bw_start:.1f} GB/s at the start, {bw_end:.1f} at the end; load average "
         f"{load:.2f} -> {os.getloadavg()[0]:.2f} (other work on the machine lowers every figure)"
     )
-    print("GB/s counts the weight codes + scales one call reads; % is of the start bandwidth\n")
-    print("\n".join(rows))
+    print(f"GB/s counts the weight codes + scales one call reads; % is of {bw:.1f} GB/s\n")
+    print("\n".join(table(results, bw)))
 
 
 if __name__ == "__main__":

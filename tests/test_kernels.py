@@ -172,6 +172,18 @@ def test_both_paths_whatever_the_thresholds(monkeypatch, path, rows, dtype):
 
 
 @needs_compiled
+@pytest.mark.parametrize("rows", [1, 3, 64])
+def test_weights_big_enough_to_split_across_threads(rows):
+    # Threads only share weights of a few hundred KB; the second starts mid FP8 row block.
+    q, s = mx_weight(1024, 1024)
+    x = xs(rows, 1024)
+    assert rel_err(kernels.mxfp4_linear(x, q, s), kernels.mxfp4_linear_torch(x, q, s), x, dequant_mxfp4(q, s)) <= TOL
+    q, s = f8_weight(600, 1024)
+    x = xs(rows, 1024)
+    assert rel_err(kernels.fp8_linear(x, q, s), kernels.fp8_linear_torch(x, q, s), x, dequant_fp8_block(q, s)) <= TOL
+
+
+@needs_compiled
 @pytest.mark.parametrize("rows", [2, 3, 5, 15])
 def test_long_rows_cut_into_segments(rows):
     # A group's x no longer fits in L1 here, so decode runs each row in several segments.

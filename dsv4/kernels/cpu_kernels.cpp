@@ -29,6 +29,7 @@ constexpr int64_t kF8Chunk = 64;   // e4m3 values in one 64-byte load
 constexpr int64_t kTileRows = 16;  // weight rows per work item; divides the 128-row FP8 block
 constexpr int64_t kGroup = 4;      // x rows sharing one expansion of the weight codes
 constexpr int64_t kSegment = 1024;  // inputs per pass when a group's x would not fit in L1
+constexpr int64_t kMinThreadBytes = 128 << 10;  // weight bytes below which a thread is not worth waking
 constexpr int64_t kL1Bytes = 32 << 10;  // of the 48 KB L1d, leaving room for the weight tile
 #ifndef DSV4_PF_HINT
 #define DSV4_PF_HINT _MM_HINT_T0
@@ -44,6 +45,11 @@ alignas(64) const float kE2M1[16] = {0.f,  .5f,  1.f,  1.5f,  2.f,  3.f,  4.f,  
                                      -0.f, -.5f, -1.f, -1.5f, -2.f, -3.f, -4.f, -6.f};
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// at::parallel_for grain in kTileRows tiles: a thread gets at least kMinThreadBytes of weight.
+inline int64_t tile_grain(int64_t row_bytes) {
+  return std::max<int64_t>(1, kMinThreadBytes / (kTileRows * row_bytes));
+}
 
 // Stores 16 dequantized weights as fp32, or as bf16 by dropping the low 16 bits: exact, because
 // e2m1 and e4m3 values times a power-of-two scale have at most 4 significant bits.
@@ -72,8 +78,9 @@ torch::Tensor permute_x(const torch::Tensor& x) {
   float* xp = out.data_ptr<float>();
   alignas(64) int32_t idx[Chunk];
   for (int64_t p = 0; p < Chunk; ++p) idx[p] = static_cast<int32_t>(Src(p));
-  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m) {
+  // Serial: cheap next to the matmul, and a parallel region costs a barrier.
+  {
+    for (int64_t m = 0; m < M; ++m) {
       const float* src = xs + m * in;
       float* dst = xp + m * kp;
       int64_t c = 0;
@@ -83,7 +90,7 @@ torch::Tensor permute_x(const torch::Tensor& x) {
       for (; c < kp; c += Chunk)
         for (int64_t p = 0; p < Chunk; ++p) dst[c + p] = c + idx[p] < in ? src[c + idx[p]] : 0.f;
     }
-  });
+  }
   return out;
 }
 
@@ -324,26 +331,28 @@ inline void for_tile(int64_t r0, int64_t r1, int64_t M, int64_t nch, int64_t chu
   }
 }
 
-// Prefill: dequantize row chunks of at most ~4 MB into one buffer (in parallel) and at::mm them.
-// T = float gives fp32 y; T = at::BFloat16 (xp then bf16 too) gives bf16 y from the bf16 GEMM,
-// whose products are exact and sums fp32, i.e. the fp32 result rounded once to bf16.
+// Prefill: each thread dequantizes its rows, a tile of at most ~512 KB at a time (L2-sized), and
+// multiplies the tile with a single-threaded at::mm (BLAS runs serially inside a parallel
+// region). One parallel region per call: alternating dequant and multi-threaded GEMM regions per
+// chunk measured up to 30x slower when other processes share the cores (every barrier can cost
+// a scheduler time slice). T = float gives fp32 y; T = at::BFloat16 (xp bf16 too) gives bf16 y
+// from a bf16 GEMM, whose products are exact and sums fp32: the fp32 result rounded once.
 template <class T, class DequantFn>
 torch::Tensor dequant_mm(const torch::Tensor& xp, int64_t out_f, DequantFn&& dequant) {
   const int64_t M = xp.size(0), kp = xp.size(1);
   auto y = torch::empty({M, out_f}, xp.options());
-  const int64_t chunk = std::max<int64_t>(kTileRows, ((1 << 22) / sizeof(T) / kp) / kTileRows * kTileRows);
-  auto buf = torch::empty({std::min(chunk, out_f), kp}, xp.options());
-  T* b = buf.data_ptr<T>();
-  for (int64_t r0 = 0; r0 < out_f; r0 += chunk) {
-    const int64_t n = std::min(chunk, out_f - r0);
-    at::parallel_for(0, ceil_div(n, kTileRows), 1, [&](int64_t t0, int64_t t1) {
-      const int64_t a = r0 + t0 * kTileRows, e = r0 + std::min(n, t1 * kTileRows);
-      dequant(a, e, b + (a - r0) * kp);
-    });
-    // y[:, r0:r0+n] is a strided view (ld = out_f) that BLAS writes in place.
-    auto yv = y.narrow(1, r0, n);
-    at::mm_out(yv, xp, buf.narrow(0, 0, n).t());
-  }
+  const int64_t tile = std::max<int64_t>(kTileRows, ((512 << 10) / sizeof(T) / kp) / kTileRows * kTileRows);
+  at::parallel_for(0, ceil_div(out_f, kTileRows), tile_grain(kp / 2), [&](int64_t t0, int64_t t1) {
+    const int64_t end = std::min(out_f, t1 * kTileRows);
+    auto buf = torch::empty({std::min(tile, end - t0 * kTileRows), kp}, xp.options());
+    for (int64_t r0 = t0 * kTileRows; r0 < end; r0 += tile) {
+      const int64_t n = std::min(tile, end - r0);
+      dequant(r0, r0 + n, buf.data_ptr<T>());
+      // y[:, r0:r0+n] is a strided view (ld = out_f) that BLAS writes in place.
+      auto yv = y.narrow(1, r0, n);
+      at::mm_out(yv, xp, buf.narrow(0, 0, n).t());
+    }
+  });
   return y;
 }
 
@@ -389,7 +398,7 @@ torch::Tensor mx_decode(const uint8_t* w, const uint8_t* s, int64_t in, int64_t 
                         const float* xd, int64_t kp) {
   auto y = torch::zeros({M, out_f}, torch::kFloat);
   float* yd = y.data_ptr<float>();
-  at::parallel_for(0, ceil_div(out_f, kTileRows), 1, [&](int64_t t0, int64_t t1) {
+  at::parallel_for(0, ceil_div(out_f, kTileRows), tile_grain(in / 2), [&](int64_t t0, int64_t t1) {
     for_tile(t0 * kTileRows, std::min(out_f, t1 * kTileRows), M, kp / kMxChunk, kMxChunk,
              [&](auto g, int64_t r, int64_t m0, int64_t c0, int64_t c1) {
                mx_row<decltype(g)::value>(w + r * (in / 2), s + r * (in / 32), in, c0, c1,
@@ -404,7 +413,7 @@ torch::Tensor f8_decode(const uint8_t* w, const float* sc, int64_t nbi, int64_t 
                         int64_t M, const float* xd, int64_t kp) {
   auto y = torch::zeros({M, out_f}, torch::kFloat);
   float* yd = y.data_ptr<float>();
-  at::parallel_for(0, ceil_div(out_f, kTileRows), 1, [&](int64_t t0, int64_t t1) {
+  at::parallel_for(0, ceil_div(out_f, kTileRows), tile_grain(in), [&](int64_t t0, int64_t t1) {
     // x times the scales of the current 128-row block, rebuilt when the block changes.
     std::vector<float> xs(M * kp);
     int64_t cur = -1;
