@@ -22,6 +22,23 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor, x: torch.Tensor, w: torch.Tensor
     return (diff / bound.clamp_min(torch.finfo(torch.float32).tiny)).max().item()
 
 
+def mx_agrees(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> bool:
+    """Compiled MXFP4 against the fallback: fp32 within TOL, bf16 within one rounding step."""
+    return close(kernels.mxfp4_linear(x, q, s), kernels.mxfp4_linear_torch(x, q, s), x, dequant_mxfp4(q, s))
+
+
+def f8_agrees(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> bool:
+    return close(kernels.fp8_linear(x, q, s), kernels.fp8_linear_torch(x, q, s), x, dequant_fp8_block(q, s))
+
+
+def close(y: torch.Tensor, ref: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> bool:
+    """fp32 results within TOL of the summation bound; bf16 ones within one bf16 rounding step."""
+    if y.dtype == torch.bfloat16:
+        torch.testing.assert_close(y, ref, rtol=2**-7, atol=1e-3)
+        return True
+    return rel_err(y, ref, x, w) <= TOL
+
+
 def mx_weight(out_f: int, in_f: int, seed: int = 0, extreme: bool = False):
     g = torch.Generator().manual_seed(seed)
     q, s = quantize_mxfp4(torch.randn(out_f, in_f, generator=g))
@@ -144,14 +161,6 @@ def test_fp8_compiled_matches(shape, scale, rows):
     assert rel_err(y, kernels.fp8_linear_torch(x, q, s), x, dequant_fp8_block(q, s)) <= TOL
 
 
-def close(y: torch.Tensor, ref: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> bool:
-    """fp32 results within TOL of the summation bound; bf16 ones within one bf16 rounding step."""
-    if y.dtype == torch.bfloat16:
-        torch.testing.assert_close(y, ref, rtol=2**-7, atol=1e-3)
-        return True
-    return rel_err(y, ref, x, w) <= TOL
-
-
 @needs_compiled
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("path", ["decode", "prefill"])
@@ -162,7 +171,7 @@ def test_both_paths_whatever_the_thresholds(monkeypatch, path, rows, dtype):
         monkeypatch.setitem(kernels.PREFILL_ROWS, key, at)
     q, s = mx_weight(130, 544)
     x = xs(rows, 544, dtype)
-    assert close(kernels.mxfp4_linear(x, q, s), kernels.mxfp4_linear_torch(x, q, s), x, dequant_mxfp4(q, s))
+    assert mx_agrees(x, q, s)
     for scale in ["e8m0", "fp32"]:  # bf16 x, e8m0 scales: a bf16 GEMM; fp32 scales: an fp32 one
         q, s = f8_weight(130, 200, scale=scale)
         x = xs(rows, 200, dtype)
@@ -177,10 +186,10 @@ def test_weights_big_enough_to_split_across_threads(rows):
     # Threads only share weights of a few hundred KB; the second starts mid FP8 row block.
     q, s = mx_weight(1024, 1024)
     x = xs(rows, 1024)
-    assert rel_err(kernels.mxfp4_linear(x, q, s), kernels.mxfp4_linear_torch(x, q, s), x, dequant_mxfp4(q, s)) <= TOL
+    assert mx_agrees(x, q, s)
     q, s = f8_weight(600, 1024)
     x = xs(rows, 1024)
-    assert rel_err(kernels.fp8_linear(x, q, s), kernels.fp8_linear_torch(x, q, s), x, dequant_fp8_block(q, s)) <= TOL
+    assert f8_agrees(x, q, s)
 
 
 @needs_compiled
@@ -189,16 +198,10 @@ def test_long_rows_cut_into_segments(rows):
     # A group's x no longer fits in L1 here, so decode runs each row in several segments.
     q, s = mx_weight(20, 4128)
     x = xs(rows, 4128)
-    assert (
-        rel_err(kernels.mxfp4_linear(x, q, s), kernels.mxfp4_linear_torch(x, q, s), x, dequant_mxfp4(q, s))
-        <= TOL
-    )
+    assert mx_agrees(x, q, s)
     q, s = f8_weight(140, 3000)
     x = xs(rows, 3000)
-    assert (
-        rel_err(kernels.fp8_linear(x, q, s), kernels.fp8_linear_torch(x, q, s), x, dequant_fp8_block(q, s))
-        <= TOL
-    )
+    assert f8_agrees(x, q, s)
 
 
 @needs_compiled
