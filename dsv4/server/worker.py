@@ -63,6 +63,11 @@ class _GuardedEngine:
             raise
 
 
+def _put_all(batch: list[tuple[asyncio.Queue, Event]]) -> None:
+    for queue, ev in batch:
+        queue.put_nowait(ev)
+
+
 class Worker:
     """Owns the Scheduler and its thread. `submit` and `cancel` are called from the event loop."""
 
@@ -167,18 +172,20 @@ class Worker:
         self._recent.append((now, tokens))
         while self._recent and now - self._recent[0][0] > RATE_WINDOW_S:
             self._recent.popleft()
-        for ev in events:
-            with self._cv:
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Event]]] = {}
+        with self._cv:
+            for ev in events:
                 sink = self._sinks.get(ev.seq_id)
                 if ev.finish_reason is not None:
                     self._sinks.pop(ev.seq_id, None)
                     self._seqs.pop(ev.seq_id, None)
-            if sink is None:  # cancelled meanwhile
-                continue
+                if sink is not None:  # else cancelled meanwhile
+                    batches.setdefault(sink.loop, []).append((sink.queue, ev))
+        for loop, batch in batches.items():  # one wake-up per event loop and step
             try:
-                sink.loop.call_soon_threadsafe(sink.queue.put_nowait, ev)
-            except RuntimeError:  # the request's event loop is gone
-                self.cancel([ev.seq_id])
+                loop.call_soon_threadsafe(_put_all, batch)
+            except RuntimeError:  # the requests' event loop is gone
+                self.cancel([ev.seq_id for _, ev in batch])
 
     def _isolate(self, exc: Exception) -> list[Event]:
         """After a failed step: find the sequences that fail on their own and end only those."""
