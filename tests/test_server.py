@@ -24,7 +24,7 @@ from hypothesis import strategies as st  # noqa: E402
 import dsv4  # noqa: E402
 from dsv4.chat import parse_completion  # noqa: E402
 from dsv4.server.app import create_app  # noqa: E402
-from dsv4.server.metrics import rss_bytes  # noqa: E402
+from dsv4.server.metrics import engine_figures, rss_bytes  # noqa: E402
 from dsv4.server.responses import ReplySplitter, chat_message, envelope, finish_reason  # noqa: E402
 
 MODEL = "tiny-v4"
@@ -176,8 +176,24 @@ def test_models_health_metrics(client, server):
                  "dsv4_process_resident_memory_bytes", "# TYPE dsv4_requests_total counter"):  # fmt: skip
         assert name in text, name
     assert 'route="/v1/chat/completions",status="200"' in text
+    httpx.post(server.url + "/v1/completions", json={"model": "nope", "prompt": "x"})
+    assert 'route="/v1/completions",status="404"' in httpx.get(server.url + "/metrics").text
     generated = next(line for line in text.splitlines() if line.startswith("dsv4_generated_tokens_total "))
     assert int(generated.split()[1]) > 0
+
+
+def test_engine_stats_become_metrics():
+    class WithStats:
+        def stats(self):
+            return {
+                "rss_bytes": 5,
+                "expert_cache": {"hits": 3, "misses": 1, "hit_rate": 0.75, "policy": "lfu"},
+            }
+
+    figures = engine_figures(WithStats())
+    assert figures == {"dsv4_engine_rss_bytes": 5, "dsv4_engine_expert_cache_hits": 3,
+                       "dsv4_engine_expert_cache_misses": 1, "dsv4_engine_expert_cache_hit_rate": 0.75}  # fmt: skip
+    assert engine_figures(object()) == {}
 
 
 # ---------------------------------------------------------------------------- bad input
@@ -262,7 +278,8 @@ def test_api_key(engine):
         assert good.models.list().data[0].id == MODEL
         assert httpx.get(srv.url + "/health").status_code == 200  # health needs no key
         # a full queue answers 429 instead of growing
-        with good.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=200, stream=True) as stream:
+        long = {"max_tokens": 200, "stream": True, "extra_body": {"ignore_eos": True}}
+        with good.chat.completions.create(model=MODEL, messages=HELLO, **long) as stream:
             next(iter(stream))
             with pytest.raises(openai.RateLimitError):
                 good.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2)
@@ -275,7 +292,7 @@ def test_api_key(engine):
 
 
 def test_disconnect_cancels(server):
-    body = {"model": MODEL, "messages": HELLO, "max_tokens": CONTEXT - 10}
+    body = {"model": MODEL, "messages": HELLO, "max_tokens": CONTEXT - 10, "ignore_eos": True}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(server.url + "/v1/chat/completions", json=body, timeout=1.0)
     server.wait_idle(10)

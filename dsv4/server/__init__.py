@@ -1,7 +1,7 @@
 """`dsv4 serve`: an OpenAI-compatible HTTP server with continuous batching and a web chat page.
 
 `add_serve_parser(subparsers, common_parent)` declares the subcommand (the parent brings --model,
---device, --dtype, --numerics and the sampling flags, which become the server's defaults for requests
+--device, --dtype, --numerics, --max-ram/--max-vram and the sampling flags, which become the server's defaults for requests
 that leave them out); `serve(args)` loads the model and runs uvicorn. The app itself is
 `dsv4.server.app.create_app`. FastAPI and uvicorn are imported only when serving.
 """
@@ -73,7 +73,8 @@ def serve(args: argparse.Namespace) -> int:
     if getattr(args, "speculative", False):
         print("dsv4 serve: --speculative is ignored (the server batches many sequences)", file=sys.stderr)
     path = _model_dir(args)
-    engine = dsv4.load(path, device=args.device, dtype=args.dtype, numerics=args.numerics)
+    budgets = {k: getattr(args, k) for k in ("max_ram", "max_vram") if getattr(args, k, None) is not None}
+    engine = dsv4.load(path, device=args.device, dtype=args.dtype, numerics=args.numerics, **budgets)
     name = args.model_name or path.resolve().name
     app = create_app(engine, model_name=name, api_key=args.api_key, max_queue=args.max_queue,
                      max_running=args.max_running, max_body_bytes=args.max_body_bytes,

@@ -20,6 +20,8 @@ def _common() -> argparse.ArgumentParser:
     g.add_argument("--device", default="cpu")
     g.add_argument("--dtype", default="bf16", choices=["bf16", "fp32", "fp16"])
     g.add_argument("--numerics", default="exact", choices=["exact", "released"])
+    g.add_argument("--max-ram", default=None, help="RAM budget for routed experts (12G, auto, none)")
+    g.add_argument("--max-vram", default=None, help="GPU memory budget for the expert cache")
     g = common.add_argument_group("sampling defaults")
     g.add_argument("--max-tokens", type=int, default=None)
     g.add_argument("--temperature", type=float, default=None)
