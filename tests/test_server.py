@@ -168,6 +168,7 @@ def test_completions_text_and_ids(client, engine):
 
 def test_models_health_metrics(client, server):
     assert [m.id for m in client.models.list().data] == [MODEL]
+    client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2)
     h = httpx.get(server.url + "/health").json()
     assert h["status"] == "ok" and h["running"] == 0
     text = httpx.get(server.url + "/metrics").text
