@@ -17,6 +17,10 @@ from .errors import APIError
 from .schemas import ChatRequest, CompletionRequest, SamplingFields
 
 _SAMPLING = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty")
+# Below these the sampler's logits overflow to inf and the draw fails inside the shared decode step
+# (failing every sequence in it): tinier temperatures mean greedy, tinier penalties are refused.
+MIN_TEMPERATURE = 1e-5
+MIN_REPETITION_PENALTY = 1e-3
 
 
 @dataclass
@@ -58,6 +62,11 @@ def sampling_fields(req: SamplingFields, limits: Limits) -> dict[str, Any]:
         value = getattr(req, name)
         if value is not None:
             out[name] = value
+    if 0.0 < out.get("temperature", 1.0) < MIN_TEMPERATURE:
+        out["temperature"] = 0.0
+    if 0.0 < out.get("repetition_penalty", 1.0) < MIN_REPETITION_PENALTY:
+        raise APIError(400, f"repetition_penalty must be at least {MIN_REPETITION_PENALTY} (it divides the logits), "
+                       f"got {out['repetition_penalty']}", param="repetition_penalty", code="invalid_value")  # fmt: skip
     if req.top_k is not None:
         out["top_k"] = max(req.top_k, 0)
     if req.seed is not None:
