@@ -9,6 +9,7 @@ that leave them out); `serve(args)` loads the model and runs uvicorn. The app it
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -22,7 +23,8 @@ def add_serve_parser(subparsers, common_parent: argparse.ArgumentParser) -> argp
         "--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)"
     )
     g.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
-    g.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
+    g.add_argument("--api-key", default=os.environ.get("DSV4_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1 routes (default: $DSV4_API_KEY, else none)")  # fmt: skip
     g.add_argument(
         "--model-name", default=None, help="name clients ask for (default: the model folder's name)"
     )
