@@ -227,6 +227,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--vram", default=None, help="GPU memory budget")
     sp.set_defaults(fn=cmd_plan)
 
+    from .server import add_serve_parser
+    from .train import add_train_parser
+
+    add_serve_parser(sub, common)
+    add_train_parser(sub)
+
     sp = sub.add_parser(
         "tiny", help="write a small random checkpoint in the official layout (for trying things)"
     )

@@ -129,6 +129,7 @@ class Sequence:
         )
         self.text = StopText(tokenizer, params.stop)
         self.finish_reason: str | None = None
+        self.error: Exception | None = None
         self.stats = Stats(prompt_tokens=len(prompt_ids), reused_tokens=reused)
         self._t0 = time.perf_counter()
         self._t_first: float | None = None
@@ -168,6 +169,12 @@ class Sequence:
     def cancel(self) -> Event:
         self.pending = []
         return self._finish(None, "cancelled", None, include=False, flush=True)
+
+    def fail(self, error: Exception) -> Event:
+        """End this sequence alone after an error in its own sampling or decoding."""
+        self.error = error
+        self.pending = []
+        return Event(self.id, None, "", None, "error")
 
     def _finish(self, token_id, reason, lp, include: bool, flush: bool, text: str = "") -> Event:
         self.finish_reason = reason
@@ -231,7 +238,11 @@ class Scheduler:
             s.pending = s.pending[len(fed) :]
             if s.pending:  # prompt not finished: no token yet
                 continue
-            events.append(s.append(s.sampler.sample(lg[-1]), lg[-1]))
+            try:
+                events.append(s.append(s.sampler.sample(lg[-1]), lg[-1]))
+            except Exception as e:  # one sequence's sampler or detokenizer must not end the others
+                s.finish_reason = "error"
+                events.append(s.fail(e))
         with self._lock:
             self.running = [s for s in self.running if s.finish_reason is None]
         return events

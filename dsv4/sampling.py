@@ -50,7 +50,7 @@ class SamplingParams:
                 "top_k must be an integer >= 0 (0 disables it)",
             ),
             (0.0 <= self.min_p <= 1.0, "min_p must be in [0, 1]"),
-            (0.0 < self.repetition_penalty <= 10.0, "repetition_penalty must be in (0, 10]"),
+            (1e-3 <= self.repetition_penalty <= 10.0, "repetition_penalty must be in [0.001, 10]"),
             (-2.0 <= self.presence_penalty <= 2.0, "presence_penalty must be in [-2, 2]"),
             (-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty must be in [-2, 2]"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be in [0, 20]"),
@@ -63,7 +63,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        # below 1e-5 the scaled logits overflow; the distribution is one-hot long before that
+        return self.temperature < 1e-5 or self.top_k == 1
 
 
 @dataclass
