@@ -252,3 +252,17 @@ def test_strided_and_empty_inputs():
     assert kernels.mxfp4_linear(xs(0, 256), q, s).shape == (0, 64)
     q, s = f8_weight(64, 256)
     assert kernels.fp8_linear(xs(0, 256).reshape(0, 0, 256), q, s).shape == (0, 0, 64)
+
+
+def test_prefill_path_under_inference_mode():
+    """The multi-row path writes its output from worker threads; under torch.inference_mode that
+    output is an inference tensor, which worker threads may only write with the mode set."""
+    if not kernels.available():
+        pytest.skip("compiled kernels unavailable")
+    g = torch.Generator().manual_seed(0)
+    w8, s8 = quantize_fp8_block(torch.randn(1024, 512, generator=g))
+    w4, s4 = quantize_mxfp4(torch.randn(1024, 512, generator=g))
+    with torch.inference_mode():
+        x = torch.randn(96, 512, generator=g, dtype=torch.float32).to(torch.bfloat16)
+        a, b = kernels.fp8_linear(x, w8, s8), kernels.mxfp4_linear(x, w4, s4)
+    assert torch.isfinite(a).all() and torch.isfinite(b).all()

@@ -342,7 +342,11 @@ torch::Tensor dequant_mm(const torch::Tensor& xp, int64_t out_f, DequantFn&& deq
   const int64_t M = xp.size(0), kp = xp.size(1);
   auto y = torch::empty({M, out_f}, xp.options());
   const int64_t tile = std::max<int64_t>(kTileRows, ((512 << 10) / sizeof(T) / kp) / kTileRows * kTileRows);
+  // InferenceMode is thread-local and parallel_for's workers do not inherit it; without it, writing
+  // into y (an inference tensor when the caller is under torch.inference_mode) is refused.
+  const bool inference = c10::InferenceMode::is_enabled();
   at::parallel_for(0, ceil_div(out_f, kTileRows), tile_grain(kp / 2), [&](int64_t t0, int64_t t1) {
+    c10::InferenceMode guard(inference);
     const int64_t end = std::min(out_f, t1 * kTileRows);
     auto buf = torch::empty({std::min(tile, end - t0 * kTileRows), kp}, xp.options());
     for (int64_t r0 = t0 * kTileRows; r0 < end; r0 += tile) {
