@@ -55,6 +55,10 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: t
         )
         if device.type == "cuda":
             store = ExpertStore(ckpt, budget_bytes=vram or 0, device=device, policy=cache_policy, lower=store)
+    if device.type == "cpu":
+        from . import kernels
+
+        kernels.available()  # build (first use) or load the compiled kernels now, not inside the first prefill
     model = _build(cfg, ckpt, device, parse_numerics(dtype, numerics), store, progress)
     ckpt.close()  # unmap the shards: touched file pages would otherwise count as resident memory
     if store is not None:
