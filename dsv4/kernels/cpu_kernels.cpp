@@ -31,15 +31,17 @@ constexpr int64_t kGroup = 4;      // x rows sharing one expansion of the weight
 constexpr int64_t kSegment = 1024;  // inputs per pass when a group's x would not fit in L1
 constexpr int64_t kMinThreadBytes = 128 << 10;  // weight bytes below which a thread is not worth waking
 constexpr int64_t kL1Bytes = 32 << 10;  // of the 48 KB L1d, leaving room for the weight tile
-#ifndef DSV4_PF_HINT
-#define DSV4_PF_HINT _MM_HINT_T0
-#endif
-#ifndef DSV4_PREFETCH
-#define DSV4_PREFETCH 2048
-#endif
 // Software prefetch distance in bytes of the weight stream: with the hardware prefetcher alone a
-// core decoding at full speed waits on DRAM (measured: ~2x slower single-threaded).
-constexpr int64_t kPrefetch = DSV4_PREFETCH;
+// core decoding at full speed waits on DRAM (measured: ~2x slower single-threaded). When rows
+// are cut into segments, the stream is no longer sequential and the prefetch instead reaches
+// one tile of rows ahead, into L2 so as not to evict the x slice from L1.
+constexpr int64_t kPrefetch = 2048;
+
+// Prefetch the weight line at p: near (into L1) on sequential rows, far (into L2) when segmented.
+inline void prefetch(const uint8_t* p, bool far) {
+  if (far) _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T1);
+  else _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0);
+}
 
 alignas(64) const float kE2M1[16] = {0.f,  .5f,  1.f,  1.5f,  2.f,  3.f,  4.f,  6.f,
                                      -0.f, -.5f, -1.f, -1.5f, -2.f, -3.f, -4.f, -6.f};
@@ -175,10 +177,11 @@ inline void mx_offset_loads(const uint8_t* wc, __m512i v[4]) {
 }
 
 // y[m] += sum over chunks [c0, c1) of a row of code * scale * xp[m], for M rows of permuted x.
-// `last` marks the tensor's last row, whose last chunk must not be over-read.
+// `last` marks the tensor's last row, whose last chunk must not be over-read; pf is the prefetch
+// distance in bytes (for_tile's).
 template <int M>
 inline void mx_row(const uint8_t* w, const uint8_t* s, int64_t in, int64_t c0, int64_t c1, bool last,
-                   const float* xp, int64_t ldx, float* y, int64_t ldy) {
+                   int64_t pf, const float* xp, int64_t ldx, float* y, int64_t ldy) {
   __m512 acc[M];
   for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
   const int64_t nch = ceil_div(in, kMxChunk);
@@ -188,7 +191,7 @@ inline void mx_row(const uint8_t* w, const uint8_t* s, int64_t in, int64_t c0, i
   for (; c + 4 <= ngroup; c += 4) {
     const uint8_t* wc = w + c * 64;
     for (int i = 0; i < 4; ++i)
-      _mm_prefetch(reinterpret_cast<const char*>(wc + kPrefetch + 64 * i), DSV4_PF_HINT);
+      prefetch(wc + pf + 64 * i, pf != kPrefetch);
     __m512 sc[4];
     mx_scales4(s + c * 4, sc);
     for (int i = 0; i < 4; ++i) {
@@ -267,15 +270,15 @@ inline void f8_chunk(__m512i codes, const float* xc, int64_t ldx, __m512 (&acc)[
 // The masked tail chunk stays out of the main loop, which keeps the 4M accumulators in registers
 // (with it inside, GCC spilled them to the stack every iteration: half the speed).
 template <int M>
-inline void f8_row(const uint8_t* w, int64_t in, int64_t c0, int64_t c1, const float* xs,
-                   int64_t ldx, float* y, int64_t ldy) {
+inline void f8_row(const uint8_t* w, int64_t in, int64_t c0, int64_t c1, int64_t pf,
+                   const float* xs, int64_t ldx, float* y, int64_t ldy) {
   __m512 acc[M][4];
   for (int m = 0; m < M; ++m)
     for (int q = 0; q < 4; ++q) acc[m][q] = _mm512_setzero_ps();
   const int64_t nfull = std::min(c1, in / kF8Chunk);
   int64_t c = c0;
   for (; c < nfull; ++c) {
-    _mm_prefetch(reinterpret_cast<const char*>(w + c * kF8Chunk + kPrefetch), DSV4_PF_HINT);
+    prefetch(w + c * kF8Chunk + pf, pf != kPrefetch);
     f8_chunk<M>(_mm512_loadu_si512(w + c * kF8Chunk), xs + c * kF8Chunk, ldx, acc);
   }
   if (c < c1) f8_chunk<M>(f8_load(w, in, c), xs + c * kF8Chunk, ldx, acc);
@@ -324,19 +327,22 @@ void f8_dequant(const uint8_t* w, const float* sc, int64_t nbi, int64_t in, int6
 // in L1, rows are cut into segments so that each x slice stays there; otherwise each row is one
 // segment, which keeps the weight stream sequential for the prefetchers.
 template <class RowFn>
-inline void for_tile(int64_t r0, int64_t r1, int64_t M, int64_t nch, int64_t chunk, RowFn&& row) {
+inline void for_tile(int64_t r0, int64_t r1, int64_t M, int64_t nch, int64_t chunk, int64_t row_bytes,
+                     RowFn&& row) {
   const int64_t kp = nch * chunk;
-  const int64_t seg = std::min(M, kGroup) * kp * 4 <= kL1Bytes ? nch : kSegment / chunk;
+  const bool whole = std::min(M, kGroup) * kp * 4 <= kL1Bytes;
+  const int64_t seg = whole ? nch : kSegment / chunk;
+  const int64_t pf = whole ? kPrefetch : kTileRows * row_bytes;
   for (int64_t c0 = 0; c0 < nch; c0 += seg) {
     const int64_t c1 = std::min(nch, c0 + seg);
     for (int64_t m0 = 0; m0 < M; m0 += kGroup) {
       const int64_t g = std::min(kGroup, M - m0);
       for (int64_t r = r0; r < r1; ++r) {
         switch (g) {
-          case 1: row(std::integral_constant<int, 1>{}, r, m0, c0, c1); break;
-          case 2: row(std::integral_constant<int, 2>{}, r, m0, c0, c1); break;
-          case 3: row(std::integral_constant<int, 3>{}, r, m0, c0, c1); break;
-          default: row(std::integral_constant<int, 4>{}, r, m0, c0, c1); break;
+          case 1: row(std::integral_constant<int, 1>{}, r, m0, c0, c1, pf); break;
+          case 2: row(std::integral_constant<int, 2>{}, r, m0, c0, c1, pf); break;
+          case 3: row(std::integral_constant<int, 3>{}, r, m0, c0, c1, pf); break;
+          default: row(std::integral_constant<int, 4>{}, r, m0, c0, c1, pf); break;
         }
       }
     }
@@ -415,10 +421,10 @@ torch::Tensor mx_decode(const uint8_t* w, const uint8_t* s, int64_t in, int64_t 
   auto y = torch::zeros({M, out_f}, torch::kFloat);
   float* yd = y.data_ptr<float>();
   at::parallel_for(0, ceil_div(out_f, kTileRows), tile_grain(in / 2), [&](int64_t t0, int64_t t1) {
-    for_tile(t0 * kTileRows, std::min(out_f, t1 * kTileRows), M, kp / kMxChunk, kMxChunk,
-             [&](auto g, int64_t r, int64_t m0, int64_t c0, int64_t c1) {
+    for_tile(t0 * kTileRows, std::min(out_f, t1 * kTileRows), M, kp / kMxChunk, kMxChunk, in / 2,
+             [&](auto g, int64_t r, int64_t m0, int64_t c0, int64_t c1, int64_t pf) {
                mx_row<decltype(g)::value>(w + r * (in / 2), s + r * (in / 32), in, c0, c1,
-                                          r == out_f - 1, xd + m0 * kp, kp, yd + m0 * out_f + r,
+                                          r == out_f - 1, pf, xd + m0 * kp, kp, yd + m0 * out_f + r,
                                           out_f);
              });
   });
@@ -443,9 +449,9 @@ torch::Tensor f8_decode(const uint8_t* w, const float* sc, int64_t nbi, int64_t 
             for (int64_t i = i0; i < std::min(kp, i0 + 128); ++i) xs[m * kp + i] = xd[m * kp + i] * s;
           }
       }
-      for_tile(r0, std::min(out_f, r0 + kTileRows), M, kp / kF8Chunk, kF8Chunk,
-               [&](auto g, int64_t r, int64_t m0, int64_t c0, int64_t c1) {
-                 f8_row<decltype(g)::value>(w + r * in, in, c0, c1, xs.data() + m0 * kp, kp,
+      for_tile(r0, std::min(out_f, r0 + kTileRows), M, kp / kF8Chunk, kF8Chunk, in,
+               [&](auto g, int64_t r, int64_t m0, int64_t c0, int64_t c1, int64_t pf) {
+                 f8_row<decltype(g)::value>(w + r * in, in, c0, c1, pf, xs.data() + m0 * kp, kp,
                                             yd + m0 * out_f + r, out_f);
                });
     }
