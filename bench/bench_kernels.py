@@ -8,7 +8,7 @@ Prints a markdown table; "% of bw" is of the better of the two bandwidth measure
 are the best pass: other work on a shared machine only ever slows a pass down. A script, not a
 test: nothing here asserts a time.
 
-    python3 bench/bench_kernels.py [--quick] [--threads N] [--mb MB] [--dtype bfloat16]
+    python3 bench/bench_kernels.py [--quick] [--threads N] [--mb MB] [--dtype bfloat16] [--batches 1,4]
 """
 
 from __future__ import annotations
@@ -111,11 +111,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--mb", type=int, default=None, help="MB of weights per shape (default 640, quick 320)")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="dtype of x")
+    ap.add_argument(
+        "--batches", type=str, default=None, help="comma-separated rows of x (default 1,4,32,128)"
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     total_mb = args.mb or (320 if args.quick else 640)
     batches = (1, 32) if args.quick else BATCHES
+    if args.batches:
+        batches = tuple(int(b) for b in args.batches.split(","))
     budget_s = 0.5 if args.quick else 1.5
     dtype = getattr(torch, args.dtype)
 
