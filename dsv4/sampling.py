@@ -119,7 +119,13 @@ class Sampler:
             probs = probs.scatter(0, order[cut], 0.0)
         if p.min_p > 0.0:
             probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
-        return probs / probs.sum()
+        probs = torch.nan_to_num(probs, nan=0.0, posinf=0.0, neginf=0.0)
+        total = float(probs.sum())
+        if not total > 0.0:  # extreme settings left no finite mass: the most likely token
+            probs = torch.zeros_like(x)
+            probs[int(torch.nan_to_num(x, nan=float("-inf")).argmax())] = 1.0
+            return probs
+        return probs / total
 
     def sample(self, logits: torch.Tensor) -> int:
         probs = self.probs(logits)
