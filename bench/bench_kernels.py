@@ -5,7 +5,7 @@ end), then the GB/s of weight bytes (codes + scales) that `dsv4.kernels.mxfp4_li
 `fp8_linear` stream for batches of 1, 4, 32 and 128 rows of x, compiled kernels against the
 plain-torch fallback, cycling through enough distinct weights that they do not sit in cache.
 Prints a markdown table; "% of bw" is of the better of the two bandwidth measurements. Timings
-are the best pass: other work on a shared machine only ever slows a pass down. A script, not a
+are medians over calls, each call on a weight not read since the previous pass. A script, not a
 test: nothing here asserts a time.
 
     python3 bench/bench_kernels.py [--quick] [--threads N] [--mb MB] [--dtype bfloat16] [--batches 1,4]
@@ -49,21 +49,20 @@ def make_weights(fmt: str, shape: tuple[int, int], total_mb: int) -> list[tuple]
     return [(q.clone(), s.clone()) for _ in range(n)]
 
 
-def time_pass(fn, weights, x, budget_s: float) -> float:
-    """Best seconds per call over passes through `weights`, repeated until budget_s is spent."""
+def time_calls(fn, weights, x, budget_s: float) -> float:
+    """Median seconds per call, cycling through `weights` until budget_s is spent (3 calls at least).
+
+    Per call and the median, not a pass and the mean: on a shared machine a call that waits out
+    another process's time slice costs milliseconds, and a few of those swamp a pass.
+    """
     fn(x, *weights[0])  # first call: build, allocator warm-up
-    best, start = float("inf"), time.perf_counter()
-    while True:
+    times, start = [], time.perf_counter()
+    while len(times) < 3 or time.perf_counter() - start < budget_s:
+        q, s = weights[len(times) % len(weights)]
         t0 = time.perf_counter()
-        calls = 0
-        for q, s in weights:
-            fn(x, q, s)
-            calls += 1
-            if time.perf_counter() - t0 > budget_s:
-                break  # a slow case: part of one pass says enough
-        best = min(best, (time.perf_counter() - t0) / calls)
-        if time.perf_counter() - start > budget_s:
-            return best
+        fn(x, q, s)
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
 
 
 def bench_case(fmt: str, shape, weights, batches, budget_s: float, dtype) -> list[dict]:
@@ -78,9 +77,9 @@ def bench_case(fmt: str, shape, weights, batches, budget_s: float, dtype) -> lis
         r = {"fmt": fmt, "shape": shape, "count": len(weights), "batch": m}
         r["bytes"] = q.numel() + s.numel() * s.element_size()
         r["flops"] = 2 * m * shape[0] * shape[1]
-        r["compiled"] = time_pass(fns[0], weights, x, budget_s) if kernels.available() else None
-        # The fallback is compute-bound (ms per call): a few weights, one pass, say enough.
-        r["torch"] = time_pass(fns[1], weights[:3], x, 0)
+        r["compiled"] = time_calls(fns[0], weights, x, budget_s) if kernels.available() else None
+        # The fallback is compute-bound (ms per call): three calls say enough.
+        r["torch"] = time_calls(fns[1], weights, x, 0)
         c = f"{r['bytes'] / r['compiled'] / 1e9:.1f} GB/s" if r["compiled"] else "-"
         print(
             f"{fmt} {shape[0]}x{shape[1]} batch {m}: compiled {c}, torch {r['bytes'] / r['torch'] / 1e9:.2f} GB/s"
