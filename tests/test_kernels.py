@@ -7,6 +7,9 @@ time, cached in ~/.cache/dsv4/kernels); their tests skip where `available()` is 
 
 from __future__ import annotations
 
+import ctypes
+import mmap
+
 import pytest
 import torch
 
@@ -190,6 +193,37 @@ def test_weights_big_enough_to_split_across_threads(rows):
     q, s = f8_weight(600, 1024)
     x = xs(rows, 1024)
     assert f8_agrees(x, q, s)
+
+
+def weight_ending_at_a_guard_page(q: torch.Tensor):
+    """A copy of q whose last byte is followed by an unreadable page (Linux), or None."""
+    page, n = mmap.PAGESIZE, q.numel() * q.element_size()
+    end = -(-n // page) * page
+    buf = mmap.mmap(-1, end + page)
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.mprotect(ctypes.c_void_p(addr + end), ctypes.c_size_t(page), 0) != 0:  # PROT_NONE
+        return None
+    t = torch.frombuffer(buf, dtype=torch.uint8, count=n, offset=end - n).view(q.dtype).view(q.shape)
+    t.copy_(q)
+    return t
+
+
+@needs_compiled
+@pytest.mark.parametrize("rows", [1, 3, 64])
+def test_no_read_past_the_weight(rows):
+    # The MXFP4 decode loads chunks again 1-3 bytes further on; never past the tensor's end.
+    q, s = mx_weight(16, 1024)
+    guarded = weight_ending_at_a_guard_page(q)
+    if guarded is None:
+        pytest.skip("no mprotect")
+    x = xs(rows, 1024)
+    torch.testing.assert_close(
+        kernels.mxfp4_linear(x, guarded, s), kernels.mxfp4_linear(x, q, s), rtol=0, atol=0
+    )
+    q, s = f8_weight(16, 1024)
+    guarded = weight_ending_at_a_guard_page(q)
+    torch.testing.assert_close(kernels.fp8_linear(x, guarded, s), kernels.fp8_linear(x, q, s), rtol=0, atol=0)
 
 
 @needs_compiled
