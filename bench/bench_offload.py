@@ -4,11 +4,14 @@ Writes (once, cached in --dir) a slice of V4-Flash in the official layout with r
 dense, MXFP4 experts, the real vocabulary and tokenizer.json), measures this machine's RAM and disk
 read bandwidth, then runs each engine in a fresh process:
 
-  ram      everything resident (dsv4 `max_ram=None`; llama.cpp mmap with the file in the page cache)
+  ram      everything resident, files read into the page cache first (dsv4 `max_ram=None`;
+           llama.cpp mmap); CPU-bound and short, so the best of --repeat tries, engines taking turns
   budget   a RAM budget: the dense weights + a quarter of the routed-expert bytes + a runtime
            allowance (--budget overrides). dsv4 gets `max_ram=<budget>`; both engines run inside a
            memory cgroup of that size, page cache dropped first. dsv4 runs it with both cache
-           policies (lfu, the default, and lru).
+           policies (lfu, the default, and lru), then once more without the cgroup (is max_ram alone
+           kept?), then both policies with `max_ram` sized so its expert cache holds a quarter of the
+           experts (no cgroup: only expert misses reach the disk).
 
 Per run: prefill tok/s (a 128-token prompt of English text), greedy decode tok/s, achieved GB/s
 (bytes a decoded token must read, from the checkpoint: dense weights less the embedding, plus the
@@ -20,7 +23,7 @@ markdown table, writes it to bench/results/offload.md and a plot to bench/result
 A script, not a test. Needs root for the page-cache drop and the cgroup (skipped with a note otherwise).
 
     python3 bench/bench_offload.py [--dir DIR] [--layers 12] [--experts 32] [--decode-tokens 64]
-                                   [--budget 6G] [--skip-llama] [--quick]
+                                   [--budget 6G] [--repeat 3] [--skip-llama] [--quick]
 """
 
 from __future__ import annotations
@@ -108,17 +111,17 @@ class Shape:
     expert_bytes: int  # all routed experts
     read_per_token: int  # dense less the embedding (one row is read), plus the active experts
     budget: int  # bytes for the budget case
-    ram_gbs: float = 0.0
+    ram_gbs: float = 0.0  # the best of the measurements before and after the runs
+    ram_gbs_seen: list[float] = field(default_factory=list)
     disk_gbs: float = 0.0
 
 
 def measure(path: Path, budget: int | None, allowance: int) -> Shape:
-    import torch
 
     from dsv4.checkpoint import Checkpoint
     from dsv4.config import ModelConfig
     from dsv4.inspect import summarize
-    from dsv4.plan import measure_disk_gbs, measure_ram_gbs
+    from dsv4.plan import measure_disk_gbs
 
     cfg, ckpt = ModelConfig.from_file(path), Checkpoint(path)
     s = summarize(ckpt, cfg)
@@ -126,11 +129,22 @@ def measure(path: Path, budget: int | None, allowance: int) -> Shape:
     per_token = s.dense_bytes - ckpt.nbytes("embed.weight") + active
     budget = budget or s.dense_bytes + s.expert_bytes // 4 + allowance
     shape = Shape(s.dense_bytes + s.expert_bytes, s.dense_bytes, s.expert_bytes, per_token, budget)
-    torch.set_num_threads(os.cpu_count() or 1)
-    shape.ram_gbs = max(measure_ram_gbs(512 << 20, repeats=5) for _ in range(2))
+    shape.ram_gbs = ram_bandwidth(shape)
     shape.disk_gbs = measure_disk_gbs(ckpt, nbytes=1 << 30)
     ckpt.close()
     return shape
+
+
+def ram_bandwidth(shape: Shape) -> float:
+    """Measure the RAM read bandwidth (all cores, best of 15 sums over 512 MB) and keep the best so far:
+    on a shared machine other tenants only ever lower a measurement."""
+    import torch
+
+    from dsv4.plan import measure_ram_gbs
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    shape.ram_gbs_seen.append(max(measure_ram_gbs(512 << 20, repeats=5) for _ in range(3)))
+    return max(shape.ram_gbs_seen)
 
 
 def prompt_ids(path: Path, n: int) -> tuple[list[int], list[int]]:
@@ -180,10 +194,14 @@ class MemoryCgroup:
         return int((self.path / f).read_text().split()[0])
 
     def close(self) -> None:
-        try:
-            self.path.rmdir()
-        except OSError:
-            pass
+        for _ in range(20):  # the kernel may still be tearing the last process down
+            try:
+                self.path.rmdir()
+                return
+            except FileNotFoundError:
+                return
+            except OSError:
+                time.sleep(0.25)
 
 
 def loadavg() -> float:
@@ -398,7 +416,7 @@ def convert_gguf(ckpt: Path, gguf: Path, src_root: Path) -> str:
     p = subprocess.run(
         cmd, capture_output=True, text=True
     )  # uses its own gguf-py (put on sys.path by the script)
-    (RESULTS / "convert.log").write_text(p.stdout + p.stderr)
+    gguf.with_suffix(".convert.log").write_text(p.stdout + p.stderr)
     if p.returncode != 0:
         lines = [ln for ln in p.stderr.strip().splitlines() if ln.strip()]
         return f"convert_hf_to_gguf.py failed (exit {p.returncode}): {' | '.join(lines[-3:])}"
@@ -490,6 +508,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--allowance", default=None, help="runtime allowance in the default budget (1G; 0.5G with --quick)"
     )
+    p.add_argument("--repeat", type=int, default=3, help="tries of each resident case (the best is kept)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--skip-llama", action="store_true", help="only dsv4")
     p.add_argument(
@@ -517,9 +536,14 @@ def run_cases(
     base = {"dir": str(a.dir), "gguf": str(a.gguf), "ids": ids, "warmup": warm, "decode_tokens": a.decode_tokens,
             "threads": a.threads, "llama_extra_bufts": a.llama_extra_bufts}  # fmt: skip
     shards = sorted(a.dir.glob("*.safetensors"))
-    runs = [run_case(base, "dsv4", "ram", None, "lfu", page_cache=shards)]
-    if llama_ok:
-        runs.append(run_case(base, "llama.cpp", "ram", None, None, page_cache=[a.gguf]))
+    # The resident cases are CPU-bound and short: on a shared machine, the best of a few tries, the
+    # engines taking turns. The budget cases are long and bound by the disk: one try each.
+    tries: dict[str, list[Run]] = {"dsv4": [], "llama.cpp": []}
+    for _ in range(a.repeat):
+        tries["dsv4"].append(run_case(base, "dsv4", "ram", None, "lfu", page_cache=shards))
+        if llama_ok:
+            tries["llama.cpp"].append(run_case(base, "llama.cpp", "ram", None, None, page_cache=[a.gguf]))
+    runs = [best(t, a.repeat) for t in tries.values() if t]
     for policy in ("lfu", "lru"):
         runs.append(run_case(base, "dsv4", f"budget {policy}", shape.budget, policy, confine=True))
     if llama_ok:
@@ -533,6 +557,16 @@ def run_cases(
         for policy in ("lfu", "lru"):
             runs.append(run_case(base, "dsv4", f"cache 1/4 {policy}, no cgroup", ram, policy))
     return runs
+
+
+def best(tries: list[Run], n: int) -> Run:
+    """The try with the fastest decode (its case renamed to say so); all tries kept in `extra`."""
+    ok = [r for r in tries if not r.error] or tries
+    run = max(ok, key=lambda r: r.decode_tps)
+    run.extra["tries"] = [(r.prefill_tps, r.decode_tps, r.loadavg) for r in tries]
+    if n > 1:
+        run.case = f"{run.case} (best of {n})"
+    return run
 
 
 def size_for_cache(base: dict, target: int, ram: int, cache: int) -> int:
@@ -562,7 +596,7 @@ def run_case(base: dict, engine: str, case: str, max_ram: int | None, policy: st
         _cat(f)
     if confine:
         try:
-            cgroup = MemoryCgroup(f"dsv4-bench-{os.getpid()}", max_ram)
+            cgroup = MemoryCgroup(f"dsv4-bench-{os.getpid()}-{int(time.time())}", max_ram)
         except OSError as e:
             print(f"note: no memory cgroup ({e}); {engine} runs without one", flush=True)
     try:
@@ -596,6 +630,7 @@ def main(argv: list[str] | None = None) -> None:
     if why_not:
         print(f"llama.cpp: {why_not}", flush=True)
     runs = run_cases(a, shape, ids, warm, llama_ok=not why_not)
+    shape.ram_gbs = ram_bandwidth(shape)
     report = render(a, shape, runs, why_not, len(ids))
     print("\n" + report)
     (RESULTS / "offload.md").write_text(report + "\n")
@@ -619,7 +654,8 @@ def render(a: argparse.Namespace, shape: Shape, runs: list[Run], why_not: str, n
         f"A decoded token reads {shape.read_per_token / GB:.2f} GB (dense less the embedding, plus 6 experts x "
         f"{a.layers} layers), so the measured RAM bandwidth bounds decode at {bound:.2f} tok/s.",
         "",
-        f"Machine: {os.cpu_count()} cores, RAM read {shape.ram_gbs:.1f} GB/s (`measure_ram_gbs`), disk read "
+        f"Machine: {os.cpu_count()} cores, RAM read {shape.ram_gbs:.1f} GB/s (`measure_ram_gbs`, best of the "
+        f"measurements before and after the runs: {', '.join(f'{g:.1f}' for g in shape.ram_gbs_seen)}), disk read "
         f"{shape.disk_gbs:.2f} GB/s (`measure_disk_gbs`, 1 GB cold); 1-minute load average at the end of each run: "
         + ", ".join(f"{r.loadavg:.1f}" for r in runs if not r.error)
         + " (a shared machine).",
