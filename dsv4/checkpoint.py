@@ -13,8 +13,10 @@ found, before any compute. This module knows the file layout, not the model math
 from __future__ import annotations
 
 import json
+import os
 import re
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,8 +47,7 @@ class Entry:
     stored: str
     shape: tuple[int, ...]
     dtype: torch.dtype
-    select: Callable | None = None  # slice of a fused tensor (transformers experts)
-    sub: tuple[int, int] | None = None  # (byte offset, byte length) of that slice inside the stored tensor
+    sub: tuple[int, int] | None = None  # (byte offset, byte length) of a slice of a fused tensor (transformers experts)
 
 
 # transformers name -> official name, applied to the part after `model.layers.N.`
@@ -118,6 +119,8 @@ class Checkpoint:
         self.entries: dict[str, Entry] = {}
         self._handles: dict[Path, object] = {}
         self._offsets: dict[Path, dict[str, tuple[int, int]]] = {}
+        self._fds: dict[Path, int] = {}
+        self._lock = threading.Lock()
         for file, names in self._files().items():
             if not file.exists():
                 raise CheckpointError(f"the index lists shard {file.name}, which is missing from {self.path}")
@@ -172,7 +175,7 @@ class Checkpoint:
 
         def part(e: int, lo: int, hi: int) -> Entry:
             sub = ((e * rows + lo) * row_bytes, (hi - lo) * row_bytes)
-            return Entry(file, stored, (hi - lo, cols), dtype, _pick(e, lo, hi), sub)
+            return Entry(file, stored, (hi - lo, cols), dtype, sub)
 
         for e in range(n_exp):
             prefix = f"layers.{layer}.ffn.experts.{e}"
@@ -191,15 +194,36 @@ class Checkpoint:
         return iter(self.entries)
 
     def tensor(self, name: str) -> torch.Tensor:
-        """Read one tensor (official name) from its memory-mapped file."""
-        try:
-            entry = self.entries[name]
-        except KeyError:
-            raise CheckpointError(f"tensor {name!r} is not in the checkpoint at {self.path}") from None
-        handle = self._open(entry.file)
-        if entry.select is None:
-            return handle.get_tensor(entry.stored)
-        return entry.select(handle.get_slice(entry.stored)).contiguous()
+        """Read one tensor (official name) into memory of its own (never a view of the file)."""
+        return self.read(name)
+
+    def read(self, name: str, drop_page_cache: bool = True) -> torch.Tensor:
+        """Read a tensor's bytes with positioned reads into fresh anonymous memory (thread-safe).
+
+        Nothing stays memory-mapped, so what the model holds is resident, counted in RSS from the start,
+        and never paged back in from the file behind the budget's back. drop_page_cache releases the file
+        pages just read (posix_fadvise DONTNEED): they would otherwise count against a memory cgroup."""
+        if name not in self.entries:
+            raise CheckpointError(f"tensor {name!r} is not in the checkpoint at {self.path}")
+        entry = self.entries[name]
+        file, offset, length = self.location(name)
+        fd = self._fd(file)
+        out = torch.empty(length, dtype=torch.uint8)
+        view, done = memoryview(out.numpy()), 0
+        while done < length:
+            n = os.preadv(fd, [view[done:]], offset + done)
+            if n <= 0:
+                raise CheckpointError(f"short read of {name!r} from {file} at byte {offset + done}: truncated file?")
+            done += n
+        if drop_page_cache and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+        return out.view(entry.dtype).reshape(entry.shape)
+
+    def _fd(self, file: Path) -> int:
+        with self._lock:
+            if file not in self._fds:
+                self._fds[file] = os.open(file, os.O_RDONLY)
+            return self._fds[file]
 
     def weight(self, prefix: str, dtype: torch.dtype) -> Weight:
         """The linear weight `<prefix>.weight` as its format object (FP8 / MXFP4 stay packed)."""
@@ -222,8 +246,12 @@ class Checkpoint:
         return e.file, start, end - start
 
     def close(self) -> None:
-        """Drop the memory maps (their touched pages count as resident memory); reads reopen them."""
-        self._handles.clear()
+        """Drop the header memory maps and file descriptors; later reads reopen what they need."""
+        with self._lock:
+            self._handles.clear()
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
 
     def nbytes(self, name: str) -> int:
         e = self.entries[name]
@@ -258,10 +286,6 @@ def _data_offsets(file: Path) -> dict[str, tuple[int, int]]:
         header = json.loads(f.read(n))
     base = 8 + n
     return {k: (base + v["data_offsets"][0], base + v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"}
-
-
-def _pick(e: int, lo: int, hi: int) -> Callable:
-    return lambda sl: sl[e : e + 1, lo:hi][0]
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,6 @@ It knows the checkpoint's tensor names and formats, not the model math (beyond c
 
 from __future__ import annotations
 
-import os
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -136,7 +135,6 @@ class ExpertStore:
         self._used = 0
         self._lock = threading.RLock()  # RLock: a read may finish and call back while we hold it
         self._pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="dsv4-expert-read")
-        self._fds: dict[str, int] = {}
         self._sizes: dict[Key, int] = {}
 
     # ---- public ----
@@ -206,9 +204,6 @@ class ExpertStore:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
 
     # ---- internals ----
 
@@ -252,28 +247,6 @@ class ExpertStore:
                 self._used += size
                 self._policy.touch(k)
 
-    def _fd(self, path) -> int:
-        p = str(path)
-        if p not in self._fds:
-            self._fds[p] = os.open(p, os.O_RDONLY)
-        return self._fds[p]
-
-    def _read_tensor(self, name: str) -> torch.Tensor:
-        file, offset, length = self.ckpt.location(name)
-        fd = self._fd(file)
-        buf = bytearray(length)
-        view, done = memoryview(buf), 0
-        while done < length:
-            n = os.preadv(fd, [view[done:]], offset + done)
-            if n <= 0:
-                raise OSError(f"short read of {name} from {file} at byte {offset + done}")
-            done += n
-        if self.release_page_cache and hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
-        entry = self.ckpt.entries[name]
-        t = torch.frombuffer(buf, dtype=torch.uint8) if length else torch.empty(0, dtype=torch.uint8)
-        return t.view(entry.dtype).reshape(entry.shape)
-
     def _read(self, key: Key) -> ExpertWeights:
         import time
 
@@ -286,10 +259,10 @@ class ExpertStore:
         nbytes = 0
         for w in ("w1", "w2", "w3"):
             name = f"{prefix}.{e}.{w}.weight"
-            t = self._read_tensor(name)
+            t = self.ckpt.read(name, self.release_page_cache)
             nbytes += t.numel() * t.element_size()
             if t.dtype == torch.float8_e4m3fn or t.dtype in (torch.int8, torch.uint8):
-                s = self._read_tensor(f"{prefix}.{e}.{w}.scale")
+                s = self.ckpt.read(f"{prefix}.{e}.{w}.scale", self.release_page_cache)
                 nbytes += s.numel() * s.element_size()
                 fmt = FP8Block(t, s) if t.dtype == torch.float8_e4m3fn else MXFP4(t.view(torch.int8), s)
             else:

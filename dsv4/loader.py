@@ -60,7 +60,7 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: t
 
         kernels.available()  # build (first use) or load the compiled kernels now, not inside the first prefill
     model = _build(cfg, ckpt, device, parse_numerics(dtype, numerics), store, progress)
-    ckpt.close()  # unmap the shards: touched file pages would otherwise count as resident memory
+    ckpt.close()  # the header maps and descriptors: weights were copied into memory of their own
     if store is not None:
         _size_ram_tier(store, ram, cfg)
         attach(model, store)

@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -101,6 +102,17 @@ def test_identical_logits_under_every_layout(tiny_ckpt, name):
 def test_too_small_budget_is_a_clear_error(tiny_ckpt):
     with pytest.raises(ValueError, match="--max-ram .* too small"):
         dsv4.load(tiny_ckpt("flash").path, max_ram="10M")
+
+
+def test_loaded_weights_are_not_file_backed(tiny_ckpt):
+    """Weights are copied into memory of their own: once loaded, no shard stays mapped, so the dense bytes
+    count in RSS when the expert cache is sized and are never paged back in from the file under a budget."""
+    path = tiny_ckpt("flash").path
+    e = dsv4.load(path, max_ram="1G")
+    maps = Path("/proc/self/maps").read_text()
+    assert e.generate([2, 3, 4], max_tokens=2, temperature=0.0)
+    assert str(path.resolve()) not in maps and str(path.resolve()) not in Path("/proc/self/maps").read_text()
+    assert e.model.store.stats.misses > 0  # experts were read (positioned reads, no map) as well
 
 
 BUDGET = 640 << 20
