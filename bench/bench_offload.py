@@ -277,6 +277,8 @@ def worker_dsv4(spec: dict) -> Run:
     run = Run("dsv4", spec["case"], load_seconds=time.perf_counter() - t)
     rss_loaded = rss_bytes()
     store = eng.model.store
+    if store is not None and spec.get("min_guess_accuracy") is not None:  # early-routing prefetch on/off
+        store.min_guess_accuracy = spec["min_guess_accuracy"]
     eng.complete(spec["warmup"], max_tokens=4, temperature=0.0, ignore_eos=True)
     snap = lambda: (store.stats.hits, store.stats.misses) if store else (0, 0)  # noqa: E731
     start = snap()
@@ -432,24 +434,26 @@ def convert_gguf(ckpt: Path, gguf: Path, src_root: Path) -> str:
 
 def table(runs: list[Run], shape: Shape) -> str:
     head = ("| engine | case | RAM limit | prefill tok/s | decode tok/s | achieved GB/s | % of RAM bw | peak RSS "
-            "| expert cache | hit rate (decode) | disk read / token |")  # fmt: skip
-    rows = [head, "|" + "---|" * 11]
+            "| expert cache | hit rate (decode) | guesses right | disk read / token |")  # fmt: skip
+    rows = [head, "|" + "---|" * 12]
     for r in runs:
         limit = (
             "-" if r.max_ram is None else f"{r.max_ram / GB:.2f} GB" + (" (cgroup)" if r.cgroup_peak else "")
         )
         if r.error:
-            rows.append(f"| {r.engine} | {r.case} | {limit} | failed: {r.error} ||||||||")
+            rows.append(f"| {r.engine} | {r.case} | {limit} | failed: {r.error} |||||||||")
             continue
         gbs = shape.read_per_token * r.decode_tps / GB
         hit = "-" if r.hit_rate is None else f"{r.hit_rate:.1%}"
+        store = r.extra.get("store") or {}
+        guess = f"{store['guess_accuracy']:.0%}" if store.get("guessed") else "-"
         cache = (
             "-"
             if not r.cache_budget
             else f"{r.cache_budget / GB:.2f} GB ({r.cache_budget / shape.expert_bytes:.0%})"
         )
         rows.append(f"| {r.engine} | {r.case} | {limit} | {r.prefill_tps:.2f} | {r.decode_tps:.2f} | {gbs:.2f} | "
-                    f"{gbs / shape.ram_gbs:.0%} | {r.peak_rss / GB:.2f} GB | {cache} | {hit} | "
+                    f"{gbs / shape.ram_gbs:.0%} | {r.peak_rss / GB:.2f} GB | {cache} | {hit} | {guess} | "
                     f"{r.disk_per_token / GB:.3f} GB |")  # fmt: skip
     return "\n".join(rows)
 
@@ -544,12 +548,15 @@ def run_cases(
         if llama_ok:
             tries["llama.cpp"].append(run_case(base, "llama.cpp", "ram", None, None, page_cache=[a.gguf]))
     runs = [best(t, a.repeat) for t in tries.values() if t]
-    for policy in ("lfu", "lru"):
+    for policy in ("lru", "lfu"):
         runs.append(run_case(base, "dsv4", f"budget {policy}", shape.budget, policy, confine=True))
+    # early-routing guesses prefetched whatever their accuracy (by default only while >= 90 % right)
+    guessing = {**base, "min_guess_accuracy": 0.0}
+    runs.append(run_case(guessing, "dsv4", "budget lru, guesses prefetched", shape.budget, "lru", confine=True))
     if llama_ok:
         runs.append(run_case(base, "llama.cpp", "budget", shape.budget, None, confine=True))
     # the same budget without the cgroup: does max_ram alone keep the process inside it?
-    runs.append(first := run_case(base, "dsv4", "budget lfu, no cgroup", shape.budget, "lfu"))
+    runs.append(first := run_case(base, "dsv4", "budget lru, no cgroup", shape.budget, "lru"))
     if first.cache_budget:
         # the policies again with an expert cache of a quarter of the experts, outside the cgroup so that
         # only expert misses go to the disk
@@ -663,11 +670,14 @@ def render(a: argparse.Namespace, shape: Shape, runs: list[Run], why_not: str, n
         "Cases: `ram` = everything resident, the files read into the page cache first. `budget` = "
         f"{shape.budget / GB:.2f} GB (dense + a quarter of the experts + {parse_size_text(a.allowance)} runtime "
         "allowance): page cache dropped first, the worker inside a memory cgroup of that size, dsv4 with `max_ram` = "
-        "the budget (lfu is its default cache policy). `no cgroup`: the same `max_ram` without the cgroup. `cache 1/4`: "
+        "the budget (lru is its default cache policy). `guesses prefetched`: early routing's guesses of the next "
+        "layer's experts are prefetched whatever their measured accuracy (by default only while at least 90 % are "
+        "right; hash layers' experts, known from the token ids, are always prefetched). `no cgroup`: the same `max_ram` without the cgroup. `cache 1/4`: "
         "`max_ram` chosen so that dsv4's expert cache holds a quarter of the experts, no cgroup, to compare the "
         f"policies on expert misses alone. Prompt {n_prompt} tokens, {a.decode_tokens} greedy tokens, {a.threads} "
         f"threads, after a short warm-up; dsv4 kernels: {kern}. Expert cache = dsv4's cache budget (share of all "
-        "experts); hit rate = its hits in decode; disk read / token = bytes the worker read from storage per decoded "
+        "experts); hit rate = its hits in decode (prefetched experts count as hits); guesses right = share of early "
+        "routing's guessed experts the layer then used, whole run; disk read / token = bytes the worker read from storage per decoded "
         "token (`/proc/self/io`: expert reads, prefetches and page faults on mapped files). Achieved GB/s counts the "
         "same bytes per token for both engines (the official files'; Q8_0 is 6 % larger than FP8).",
         "",

@@ -7,8 +7,8 @@ per-position relative L2 error of the logits, max and median. Needs `transformer
 """
 
 import sys
-import zlib
 import tempfile
+import zlib
 from pathlib import Path
 
 import torch

@@ -47,7 +47,7 @@ class Entry:
     stored: str
     shape: tuple[int, ...]
     dtype: torch.dtype
-    sub: tuple[int, int] | None = None  # (byte offset, byte length) of a slice of a fused tensor (transformers experts)
+    sub: tuple[int, int] | None = None  # (offset, length) in bytes of a slice of a fused tensor (transformers')
 
 
 # transformers name -> official name, applied to the part after `model.layers.N.`

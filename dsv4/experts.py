@@ -17,6 +17,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field
 
 import torch
@@ -34,6 +35,9 @@ class StoreStats:
     misses: int = 0
     prefetched: int = 0  # reads started ahead of need
     prefetch_used: int = 0  # requests served by a read that a prefetch had started
+    guessed: int = 0  # experts guessed by early routing (the next layer's router on this layer's input)
+    guessed_right: int = 0  # of those, the ones the layer then used
+    guess_prefetches: int = 0  # guesses acted on (prefetched): only while the measured accuracy is high
     bytes_read: int = 0
     read_seconds: float = 0.0
     evictions: int = 0
@@ -46,6 +50,7 @@ class StoreStats:
     def as_dict(self) -> dict[str, float]:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__}
         d["hit_rate"] = self.hit_rate
+        d["guess_accuracy"] = self.guessed_right / self.guessed if self.guessed else 0.0
         return d
 
 
@@ -118,6 +123,8 @@ class ExpertStore:
     dtype: torch.dtype = torch.bfloat16  # for experts stored as plain floats
     policy: str = "lru"  # measured: bench/results/offload.md (LRU 86 % vs LFU 72 % hits, cache 1/4)
     workers: int = 4
+    prefetch_workers: int = 2  # prefetches read on threads of their own: a demand miss never queues behind them
+    min_guess_accuracy: float = 0.9  # measured: bench/README.md (87 % right guesses did not pay on a disk-bound run)
     release_page_cache: bool = True
     group_bytes: int = 1 << 62  # at most this many bytes of experts requested (and held) at once
     prefetch_bytes: int = 1 << 62  # at most this many bytes of prefetch reads in flight
@@ -135,6 +142,9 @@ class ExpertStore:
         self._used = 0
         self._lock = threading.RLock()  # RLock: a read may finish and call back while we hold it
         self._pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="dsv4-expert-read")
+        self._prefetch_pool = ThreadPoolExecutor(self.prefetch_workers, thread_name_prefix="dsv4-expert-prefetch")
+        self._guesses: dict[str, set[int]] = {}
+        self._recent = [0.0, 0.0]  # guessed, right: decaying counts, so the gate follows the recent past
         self._sizes: dict[Key, int] = {}
 
     # ---- public ----
@@ -200,10 +210,43 @@ class ExpertStore:
                     room -= self.expert_bytes(prefix, 0)
                     self._prefetching.add(k)
                     self.stats.prefetched += 1
-                    self._start_read(k)
+                    self._start_read(k, self._prefetch_pool)
+
+    def guess(self, prefix: str, ids: list[int]) -> None:
+        """Early routing's guess of a layer's experts: remembered to be scored by `score_guess`, and
+        prefetched while recent guesses were at least `min_guess_accuracy` right. A wrong guess costs a
+        read that competes with the real ones for the disk; a right one only hides latency."""
+        with self._lock:
+            self._guesses[prefix] = set(ids)
+            guessed, right = self._recent
+            trusted = guessed >= 64 and right >= self.min_guess_accuracy * guessed
+        if trusted:
+            self.stats.guess_prefetches += len(ids)
+            self.prefetch(prefix, ids)
+
+    def score_guess(self, prefix: str, used: list[int]) -> None:
+        """The layer ran and used experts `used`: score the guess made for it, if any."""
+        with self._lock:
+            g = self._guesses.pop(prefix, None)
+            if g is None:
+                return
+            right = len(g & set(used))
+            self.stats.guessed += len(g)
+            self.stats.guessed_right += right
+            self._recent = [0.98 * self._recent[0] + len(g), 0.98 * self._recent[1] + right]
+
+    def wait(self) -> None:
+        """Block until every read in flight (prefetches included) has finished and been admitted."""
+        while True:
+            with self._lock:
+                pending, admitting = list(self._inflight.values()), bool(self._prefetching)
+            if not pending and not admitting:
+                return
+            futures_wait(pending, timeout=0.01)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+        self._prefetch_pool.shutdown(wait=True)
 
     # ---- internals ----
 
@@ -211,11 +254,11 @@ class ExpertStore:
     def _names(prefix: str, e: int) -> list[str]:
         return [f"{prefix}.{e}.{w}.{part}" for w in ("w1", "w2", "w3") for part in ("weight", "scale")]
 
-    def _start_read(self, key: Key) -> Future:
+    def _start_read(self, key: Key, pool: ThreadPoolExecutor | None = None) -> Future:
         """Caller holds the lock."""
         fut = self._inflight.get(key)
         if fut is None:
-            fut = self._pool.submit(self._read, key)
+            fut = (pool or self._pool).submit(self._read, key)
             self._inflight[key] = fut
             fut.add_done_callback(lambda f, k=key: self._on_read(k, f))
         return fut
@@ -316,13 +359,19 @@ class LayerExperts:
     def prefetch(self, ids: list[int]) -> None:
         self.store.prefetch(self.prefix, ids)
 
-    def prefetch_next(self, x: torch.Tensor, tokens: torch.Tensor) -> None:
-        """Guess the next layer's experts from this layer's input (exact for hash layers) and prefetch."""
+    def prefetch_next(self, x: torch.Tensor, tokens: torch.Tensor, ids: torch.Tensor) -> None:
+        """This layer routed to `ids`: score the guess made for it, then guess the next layer's experts
+        by applying its router to this layer's input; hash layers' are exact and always prefetched."""
+        self.store.score_guess(self.prefix, torch.unique(ids).tolist())
         nxt = self.next_router
         if nxt is None:
             return
-        _, ids = nxt.route(x, tokens)
-        nxt.experts.prefetch(torch.unique(ids).tolist())
+        _, guess = nxt.route(x, tokens)
+        guess = torch.unique(guess).tolist()
+        if nxt.tid2eid is not None:
+            nxt.experts.prefetch(guess)
+        else:
+            self.store.guess(nxt.experts.prefix, guess)
 
 
 def attach(model, store: ExpertStore) -> None:

@@ -432,11 +432,17 @@ class MoE(nn.Module):
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return weights * self.route_scale, ids
 
+    def prefetch_hashed(self, tokens: torch.Tensor) -> None:
+        """A hash layer knows its experts from the token ids alone: a store can start reading them now."""
+        prefetch = getattr(self.experts, "prefetch", None)
+        if self.tid2eid is not None and prefetch is not None:
+            prefetch(torch.unique(self.tid2eid[tokens]).tolist())
+
     def forward(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         weights, ids = self.route(x, tokens)
         prefetch_next = getattr(self.experts, "prefetch_next", None)
         if prefetch_next is not None:  # start reading the next layer's likely experts while this one computes
-            prefetch_next(x, tokens)
+            prefetch_next(x, tokens, ids)
         y = ops.expert_mlp(x, *self.shared.weights(), self.limit).float()
         used = torch.unique(ids).tolist()
         group = getattr(self.experts, "group", None) or len(used)  # a store bounds how many it hands out at once
@@ -566,6 +572,8 @@ class Transformer(nn.Module):
 
     def forward(self, batch: Batch, states: list[SeqState]) -> torch.Tensor:
         """Run one step; advance every state; return the last streams h [T, n, D]."""
+        for layer in self.layers:
+            layer.ffn.prefetch_hashed(batch.tokens)
         h = F.embedding(batch.tokens, self.embed).unsqueeze(1).repeat(1, self.cfg.hc_mult, 1)
         for i, layer in enumerate(self.layers):
             h = layer(h, batch, [st.layers[i] for st in states], self.ropes["compress"])

@@ -67,7 +67,7 @@ def test_budget_is_never_exceeded(store):
 def test_prefetched_experts_are_the_right_bytes(store, tiny_ckpt):
     s = store("lru", 8)
     s.prefetch(L1, [3, 5])
-    s._pool.shutdown(wait=True)  # let the reads finish
+    s.wait()  # let the reads finish
     assert s.stats.prefetched == 2
     got = s.get(L1, [3, 5])
     assert s.stats.hits == 2 and s.stats.misses == 0
@@ -78,6 +78,42 @@ def test_prefetched_experts_are_the_right_bytes(store, tiny_ckpt):
             assert torch.equal(
                 w.scale.view(torch.uint8), ck.tensor(f"{L1}.{e}.{name}.scale").view(torch.uint8)
             )
+
+
+def test_early_routing_guesses_are_scored_and_prefetched_only_while_accurate(store):
+    s = store("lru", 64)
+    s.min_guess_accuracy = 0.75
+    def rounds(n, guess, used):
+        for _ in range(n):
+            s.guess(L1, guess)
+            s.score_guess(L1, used)
+
+    rounds(12, [0, 1, 2, 3], [0, 1, 2, 9])  # 3 in 4 right, but too few guesses yet to trust
+    assert (s.stats.guessed, s.stats.guessed_right) == (48, 36) and s.stats.guess_prefetches == 0
+    rounds(20, [0, 1, 2, 3], [0, 1, 2, 9])
+    assert (s.stats.guessed, s.stats.guessed_right) == (128, 96) and s.stats.guess_prefetches > 0
+    before = s.stats.guess_prefetches
+    s.guess(L1, [4, 5])
+    s.wait()
+    assert s.stats.guess_prefetches == before + 2 and {(L1, 4), (L1, 5)} <= set(s._cache)
+    s.score_guess(L1, [4, 5])
+    s.score_guess(L1, [4, 5])  # a layer that ran without a guess made for it scores nothing
+    assert s.stats.guessed == 130
+    rounds(30, [6], [7])  # the guesses turn bad: the gate closes on the recent accuracy
+    before = s.stats.guess_prefetches
+    s.guess(L1, [8])
+    assert s.stats.guess_prefetches == before and (L1, 8) not in s._cache and (L1, 8) not in s._inflight
+
+
+def test_hash_layers_prefetch_from_the_token_ids(tiny_ckpt):
+    e = dsv4.load(tiny_ckpt("flash").path, max_ram="1G")
+    store, moe = e.model.store, e.model.layers[0].ffn
+    assert moe.tid2eid is not None
+    tokens = torch.tensor([5, 6, 7])
+    want = {("layers.0.ffn.experts", int(x)) for x in moe.tid2eid[tokens].unique()}
+    moe.prefetch_hashed(tokens)
+    store.wait()
+    assert want <= set(store._cache) and store.stats.prefetched == len(want)
 
 
 @pytest.mark.parametrize("name", ["flash", "small"])
