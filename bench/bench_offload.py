@@ -548,15 +548,15 @@ def run_cases(
         if llama_ok:
             tries["llama.cpp"].append(run_case(base, "llama.cpp", "ram", None, None, page_cache=[a.gguf]))
     runs = [best(t, a.repeat) for t in tries.values() if t]
-    for policy in ("lru", "lfu"):
+    for policy in ("lfu", "lru"):
         runs.append(run_case(base, "dsv4", f"budget {policy}", shape.budget, policy, confine=True))
     # early-routing guesses prefetched whatever their accuracy (by default only while >= 90 % right)
     guessing = {**base, "min_guess_accuracy": 0.0}
-    runs.append(run_case(guessing, "dsv4", "budget lru, guesses prefetched", shape.budget, "lru", confine=True))
+    runs.append(run_case(guessing, "dsv4", "budget lfu, guesses prefetched", shape.budget, "lfu", confine=True))
     if llama_ok:
         runs.append(run_case(base, "llama.cpp", "budget", shape.budget, None, confine=True))
     # the same budget without the cgroup: does max_ram alone keep the process inside it?
-    runs.append(first := run_case(base, "dsv4", "budget lru, no cgroup", shape.budget, "lru"))
+    runs.append(first := run_case(base, "dsv4", "budget lfu, no cgroup", shape.budget, "lfu"))
     if first.cache_budget:
         # the policies again with an expert cache of a quarter of the experts, outside the cgroup so that
         # only expert misses go to the disk
@@ -670,7 +670,7 @@ def render(a: argparse.Namespace, shape: Shape, runs: list[Run], why_not: str, n
         "Cases: `ram` = everything resident, the files read into the page cache first. `budget` = "
         f"{shape.budget / GB:.2f} GB (dense + a quarter of the experts + {parse_size_text(a.allowance)} runtime "
         "allowance): page cache dropped first, the worker inside a memory cgroup of that size, dsv4 with `max_ram` = "
-        "the budget (lru is its default cache policy). `guesses prefetched`: early routing's guesses of the next "
+        "the budget (lfu is its default cache policy). `guesses prefetched`: early routing's guesses of the next "
         "layer's experts are prefetched whatever their measured accuracy (by default only while at least 90 % are "
         "right; hash layers' experts, known from the token ids, are always prefetched). `no cgroup`: the same `max_ram` without the cgroup. `cache 1/4`: "
         "`max_ram` chosen so that dsv4's expert cache holds a quarter of the experts, no cgroup, to compare the "

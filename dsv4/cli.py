@@ -62,7 +62,8 @@ def _load(args: argparse.Namespace):
     import dsv4
 
     return dsv4.load(_model_dir(args), device=args.device, dtype=args.dtype, numerics=args.numerics,
-                     max_ram=args.max_ram, max_vram=args.max_vram, progress=sys.stderr.isatty())  # fmt: skip
+                     max_ram=args.max_ram, max_vram=args.max_vram, cache_policy=args.cache_policy,
+                     progress=sys.stderr.isatty())  # fmt: skip
 
 
 def _sampling(args: argparse.Namespace) -> dict:
@@ -192,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="RAM budget (12G, 512M): experts beyond it are read from disk on demand; "
                         "'auto' (default) plans from the free memory, 'none' loads everything")  # fmt: skip
     g.add_argument("--max-vram", default=None, help="GPU memory budget for the expert cache (CUDA only)")
+    g.add_argument("--cache-policy", default="lfu", choices=["lfu", "lru"],
+                   help="which cached experts make room for new ones (default: lfu, frequency with aging)")  # fmt: skip
     g = common.add_argument_group("sampling")
     g.add_argument("--max-tokens", type=int, default=256)
     g.add_argument(

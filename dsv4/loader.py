@@ -35,7 +35,7 @@ def parse_numerics(dtype: torch.dtype | str, numerics: str) -> Numerics:
 
 def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | str = torch.bfloat16,
                numerics: str = "exact", max_ram: str | int | None = None, max_vram: str | int | None = None,
-               cache_policy: str = "lru", progress: bool = False) -> tuple[Transformer, Checkpoint]:  # fmt: skip
+               cache_policy: str = "lfu", progress: bool = False) -> tuple[Transformer, Checkpoint]:  # fmt: skip
     """Validate the checkpoint against its config, then build the model on `device`.
 
     Without budgets every routed expert is loaded into memory. With `max_ram` (bytes or "12G") the

@@ -75,7 +75,7 @@ def serve(args: argparse.Namespace) -> int:
     if getattr(args, "speculative", False):
         print("dsv4 serve: --speculative is ignored (the server batches many sequences)", file=sys.stderr)
     path = _model_dir(args)
-    budgets = {k: getattr(args, k) for k in ("max_ram", "max_vram") if getattr(args, k, None) is not None}
+    budgets = {k: getattr(args, k) for k in ("max_ram", "max_vram", "cache_policy") if getattr(args, k, None) is not None}
     engine = dsv4.load(path, device=args.device, dtype=args.dtype, numerics=args.numerics, **budgets)
     name = args.model_name or path.resolve().name
     app = create_app(engine, model_name=name, api_key=args.api_key, max_queue=args.max_queue,
