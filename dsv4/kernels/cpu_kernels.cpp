@@ -34,15 +34,13 @@ constexpr int64_t kL1Bytes = 32 << 10;  // of the 48 KB L1d, leaving room for th
 // Software prefetch distance in bytes of the weight stream: with the hardware prefetcher alone a
 // core decoding at full speed waits on DRAM (measured: ~2x slower single-threaded). When rows
 // are cut into segments, the stream is no longer sequential and the prefetch instead reaches
-// one tile of rows ahead, into L2 so as not to evict the x slice from L1. 4096 measured best on
-// 2 threads (bench_kernels, batch 1: MXFP4 12.9 -> 15.5 GB/s against 2048; 8192 and 16384 no better).
+// one tile of rows ahead. Prefetches go to L2, not L1: an L1 prefetch holds one of the core's
+// few line-fill buffers until its line arrives, which capped the stream (bench_kernels, batch 1,
+// 2 threads: FP8 16.3 -> 19.5-20.3 GB/s with L2 prefetches; 4096 bytes measured best, MXFP4
+// 12.9 -> 15.5 GB/s against 2048; 8192 and 16384 no better).
 constexpr int64_t kPrefetch = 4096;
 
-// Prefetch the weight line at p: near (into L1) on sequential rows, far (into L2) when segmented.
-inline void prefetch(const uint8_t* p, bool far) {
-  if (far) _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T1);
-  else _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0);
-}
+inline void prefetch(const uint8_t* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T1); }
 
 alignas(64) const float kE2M1[16] = {0.f,  .5f,  1.f,  1.5f,  2.f,  3.f,  4.f,  6.f,
                                      -0.f, -.5f, -1.f, -1.5f, -2.f, -3.f, -4.f, -6.f};
@@ -192,7 +190,7 @@ inline void mx_row(const uint8_t* w, const uint8_t* s, int64_t in, int64_t c0, i
   for (; c + 4 <= ngroup; c += 4) {
     const uint8_t* wc = w + c * 64;
     for (int i = 0; i < 4; ++i)
-      prefetch(wc + pf + 64 * i, pf != kPrefetch);
+      prefetch(wc + pf + 64 * i);
     __m512 sc[4];
     mx_scales4(s + c * 4, sc);
     for (int i = 0; i < 4; ++i) {
@@ -279,7 +277,7 @@ inline void f8_row(const uint8_t* w, int64_t in, int64_t c0, int64_t c1, int64_t
   const int64_t nfull = std::min(c1, in / kF8Chunk);
   int64_t c = c0;
   for (; c < nfull; ++c) {
-    prefetch(w + c * kF8Chunk + pf, pf != kPrefetch);
+    prefetch(w + c * kF8Chunk + pf);
     f8_chunk<M>(_mm512_loadu_si512(w + c * kF8Chunk), xs + c * kF8Chunk, ldx, acc);
   }
   if (c < c1) f8_chunk<M>(f8_load(w, in, c), xs + c * kF8Chunk, ldx, acc);
