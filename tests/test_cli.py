@@ -49,6 +49,16 @@ def test_run_bad_input_is_one_line(tiny_ckpt, args, message):
     assert len(lines) == 1 and lines[0].startswith("dsv4 run: error:") and message in lines[0]
 
 
+def test_run_under_a_budget_gives_the_resident_output(tiny_ckpt):
+    base = ("run", "--model", tiny_ckpt("vocab").path, "--raw", "--temperature", "0", "--max-tokens", "6", "--quiet")
+    outs = [run(*base, *extra, "Hello") for extra in
+            (["--max-ram", "none"], ["--max-ram", "1G", "--cache-policy", "lru"], ["--max-ram", "1G"])]  # fmt: skip
+    assert all(r.returncode == 0 for r in outs), [r.stderr for r in outs]
+    assert outs[0].stdout == outs[1].stdout == outs[2].stdout
+    r = run(*base, "--cache-policy", "fifo", "Hello")
+    assert r.returncode == 2 and "--cache-policy" in r.stderr
+
+
 def test_inspect(tiny_ckpt):
     r = run("inspect", "--model", tiny_ckpt("flash").path)
     assert r.returncode == 0
