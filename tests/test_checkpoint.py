@@ -79,6 +79,21 @@ def test_missing_shard(ckpt):
         dsv4.load(ckpt)
 
 
+def test_truncated_shard(ckpt):
+    shard = sorted(ckpt.glob("*.safetensors"))[-1]
+    data = shard.read_bytes()
+    shard.write_bytes(data[:-100])
+    with pytest.raises(CheckpointError, match=rf"cannot read .*{shard.name}"):
+        dsv4.load(ckpt)
+    # cut short after opening (a copy still being written, a disk error): the read says so
+    shard.write_bytes(data)
+    ck = Checkpoint(ckpt)
+    last = max((n for n in ck.names() if ck.location(n)[0] == shard), key=lambda n: ck.location(n)[1])
+    shard.write_bytes(data[: ck.location(last)[1] + 1])
+    with pytest.raises(CheckpointError, match=rf"short read of {last!r}.*truncated"):
+        ck.tensor(last)
+
+
 def test_missing_config(ckpt):
     (ckpt / "config.json").unlink()
     with pytest.raises(FileNotFoundError, match="config.json"):
