@@ -211,16 +211,20 @@ def weight_ending_at_a_guard_page(q: torch.Tensor):
 
 @needs_compiled
 @pytest.mark.parametrize("rows", [1, 3, 64])
-def test_no_read_past_the_weight(rows):
-    # The MXFP4 decode loads chunks again 1-3 bytes further on; never past the tensor's end.
-    q, s = mx_weight(16, 1024)
-    guarded = weight_ending_at_a_guard_page(q)
-    if guarded is None:
-        pytest.skip("no mprotect")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_no_read_past_the_weight(rows, dtype):
+    # The MXFP4 decode loads chunks again 1-3 bytes further on (fp32 path), or a last half-chunk of
+    # 16 bytes (one bf16 row, in=544); never past the tensor's end.
+    for in_f in (1024, 544):
+        q, s = mx_weight(16, in_f)
+        guarded = weight_ending_at_a_guard_page(q)
+        if guarded is None:
+            pytest.skip("no mprotect")
+        x = xs(rows, in_f, dtype)
+        torch.testing.assert_close(
+            kernels.mxfp4_linear(x, guarded, s), kernels.mxfp4_linear(x, q, s), rtol=0, atol=0
+        )
     x = xs(rows, 1024)
-    torch.testing.assert_close(
-        kernels.mxfp4_linear(x, guarded, s), kernels.mxfp4_linear(x, q, s), rtol=0, atol=0
-    )
     q, s = f8_weight(16, 1024)
     guarded = weight_ending_at_a_guard_page(q)
     torch.testing.assert_close(kernels.fp8_linear(x, guarded, s), kernels.fp8_linear(x, q, s), rtol=0, atol=0)
@@ -242,10 +246,12 @@ def test_long_rows_cut_into_segments(rows):
 @pytest.mark.parametrize("rows", [1, 3, 64])
 def test_extreme_scales(rows):
     q, s = mx_weight(40, 544, extreme=True)
-    x = xs(rows, 544) * 1e-12  # keeps rows scaled 2^123 finite
-    ref = kernels.mxfp4_linear_torch(x, q, s)
-    assert torch.isfinite(ref).all()
-    assert rel_err(kernels.mxfp4_linear(x, q, s), ref, x, dequant_mxfp4(q, s)) <= TOL
+    for dtype in (torch.float32, torch.bfloat16):  # one bf16 row takes the bf16 dot-product decode
+        x = (xs(rows, 544) * 1e-12).to(dtype)  # keeps rows scaled 2^123 finite
+        ref = kernels.mxfp4_linear_torch(x, q, s, out_dtype=torch.float32)
+        assert torch.isfinite(ref).all()
+        y = kernels.mxfp4_linear(x, q, s, out_dtype=torch.float32)
+        assert rel_err(y, ref, x.float(), dequant_mxfp4(q, s)) <= TOL
     q, s = f8_weight(300, 384, scale="extreme")
     x = xs(rows, 384) * 1e-12
     ref = kernels.fp8_linear_torch(x, q, s)
