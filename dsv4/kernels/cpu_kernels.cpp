@@ -415,6 +415,21 @@ bool is_byte(const torch::Tensor& t) {
          st == at::ScalarType::Float8_e4m3fn;
 }
 
+// The MXFP4 decode driver: tiles of kTileRows weight rows across threads, y [M, out_f] fp32.
+// row(g, r, m0, c0, c1, pf, y + m0 * out_f + r) adds weight row r's part for x rows m0..m0+g-1.
+template <class RowFn>
+torch::Tensor mx_decode_rows(int64_t in, int64_t out_f, int64_t M, int64_t kp, RowFn&& row) {
+  auto y = torch::zeros({M, out_f}, torch::kFloat);
+  float* yd = y.data_ptr<float>();
+  at::parallel_for(0, ceil_div(out_f, kTileRows), tile_grain(in / 2), [&](int64_t t0, int64_t t1) {
+    for_tile(t0 * kTileRows, std::min(out_f, t1 * kTileRows), M, kp / kMxChunk, kMxChunk, in / 2,
+             [&](auto g, int64_t r, int64_t m0, int64_t c0, int64_t c1, int64_t pf) {
+               row(g, r, m0, c0, c1, pf, yd + m0 * out_f + r);
+             });
+  });
+  return y;
+}
+
 #ifdef __AVX512BF16__
 // ---- MXFP4 decode with bf16 dot products (x in bf16) --------------------------------------
 // When x is bf16 its values are exact in bf16, and so is every e2m1 code: vdpbf16ps multiplies
@@ -495,32 +510,21 @@ inline void mxb_row(const uint8_t* w, const uint8_t* s, int64_t in, int64_t c0, 
 
 torch::Tensor mxb_decode(const uint8_t* w, const uint8_t* s, int64_t in, int64_t out_f, int64_t M,
                          const uint16_t* xb, int64_t kp) {
-  auto y = torch::zeros({M, out_f}, torch::kFloat);
-  float* yd = y.data_ptr<float>();
-  at::parallel_for(0, ceil_div(out_f, kTileRows), tile_grain(in / 2), [&](int64_t t0, int64_t t1) {
-    for_tile(t0 * kTileRows, std::min(out_f, t1 * kTileRows), M, kp / kMxChunk, kMxChunk, in / 2,
-             [&](auto g, int64_t r, int64_t m0, int64_t c0, int64_t c1, int64_t pf) {
-               mxb_row<decltype(g)::value>(w + r * (in / 2), s + r * (in / 32), in, c0, c1, pf,
-                                           xb + m0 * kp, kp, yd + m0 * out_f + r, out_f);
-             });
+  return mx_decode_rows(in, out_f, M, kp, [&](auto g, int64_t r, int64_t m0, int64_t c0, int64_t c1,
+                                              int64_t pf, float* yr) {
+    mxb_row<decltype(g)::value>(w + r * (in / 2), s + r * (in / 32), in, c0, c1, pf, xb + m0 * kp, kp,
+                                yr, out_f);
   });
-  return y;
 }
 #endif  // __AVX512BF16__
 
 torch::Tensor mx_decode(const uint8_t* w, const uint8_t* s, int64_t in, int64_t out_f, int64_t M,
                         const float* xd, int64_t kp) {
-  auto y = torch::zeros({M, out_f}, torch::kFloat);
-  float* yd = y.data_ptr<float>();
-  at::parallel_for(0, ceil_div(out_f, kTileRows), tile_grain(in / 2), [&](int64_t t0, int64_t t1) {
-    for_tile(t0 * kTileRows, std::min(out_f, t1 * kTileRows), M, kp / kMxChunk, kMxChunk, in / 2,
-             [&](auto g, int64_t r, int64_t m0, int64_t c0, int64_t c1, int64_t pf) {
-               mx_row<decltype(g)::value>(w + r * (in / 2), s + r * (in / 32), in, c0, c1,
-                                          r == out_f - 1, pf, xd + m0 * kp, kp, yd + m0 * out_f + r,
-                                          out_f);
-             });
+  return mx_decode_rows(in, out_f, M, kp, [&](auto g, int64_t r, int64_t m0, int64_t c0, int64_t c1,
+                                              int64_t pf, float* yr) {
+    mx_row<decltype(g)::value>(w + r * (in / 2), s + r * (in / 32), in, c0, c1, r == out_f - 1, pf,
+                               xd + m0 * kp, kp, yr, out_f);
   });
-  return y;
 }
 
 torch::Tensor f8_decode(const uint8_t* w, const float* sc, int64_t nbi, int64_t in, int64_t out_f,
