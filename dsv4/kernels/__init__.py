@@ -3,8 +3,9 @@
 `mxfp4_linear` and `fp8_linear` compute `x @ dequant(W).T` in fp32 for the two weight formats of
 `dsv4.quant`, returning x's dtype; `*_torch` are the fallbacks, which are the reference math and
 what the tests compare against. For a few rows of x (decode) the compiled kernels stream the
-weight once and expand codes in registers; from `*_PREFILL_ROWS` rows on they dequantize tiles
-and call at::mm (a bf16 GEMM when x is bf16 and so is the result: exact products, fp32 sums).
+weight once and expand codes in registers (one bf16 row of x against MXFP4 uses bf16 dot products:
+exact products, fp32 sums); from `*_PREFILL_ROWS` rows on they dequantize tiles and call at::mm
+(a bf16 GEMM when x is bf16 and so is the result: exact products, fp32 sums).
 Calls that autograd must differentiate always take the fallback.
 
 The compiled path (`cpu_kernels.cpp`) is built on first use with `torch.utils.cpp_extension.load`
