@@ -193,19 +193,16 @@ class Checkpoint:
     def names(self) -> Iterator[str]:
         return iter(self.entries)
 
-    def tensor(self, name: str) -> torch.Tensor:
-        """Read one tensor (official name) into memory of its own (never a view of the file)."""
-        return self.read(name)
+    def tensor(self, name: str, drop_page_cache: bool = True) -> torch.Tensor:
+        """Read one tensor (official name) with positioned reads into fresh anonymous memory (thread-safe).
 
-    def read(self, name: str, drop_page_cache: bool = True) -> torch.Tensor:
-        """Read a tensor's bytes with positioned reads into fresh anonymous memory (thread-safe).
-
-        Nothing stays memory-mapped, so what the model holds is resident, counted in RSS from the start,
-        and never paged back in from the file behind the budget's back. drop_page_cache releases the file
-        pages just read (posix_fadvise DONTNEED): they would otherwise count against a memory cgroup."""
-        if name not in self.entries:
+        Never a view of the file: nothing stays memory-mapped, so what the model holds is resident,
+        counted in RSS from the start, and never paged back in from the file behind the budget's back.
+        drop_page_cache releases the file pages just read (posix_fadvise DONTNEED): they would otherwise
+        count against a memory cgroup."""
+        entry = self.entries.get(name)
+        if entry is None:
             raise CheckpointError(f"tensor {name!r} is not in the checkpoint at {self.path}")
-        entry = self.entries[name]
         file, offset, length = self.location(name)
         fd = self._fd(file)
         out = torch.empty(length, dtype=torch.uint8)

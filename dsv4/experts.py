@@ -220,9 +220,9 @@ class ExpertStore:
             self._guesses[prefix] = set(ids)
             guessed, right = self._recent
             trusted = guessed >= 64 and right >= self.min_guess_accuracy * guessed
-        if trusted:
-            self.stats.guess_prefetches += len(ids)
-            self.prefetch(prefix, ids)
+            if trusted:
+                self.stats.guess_prefetches += len(ids)
+                self.prefetch(prefix, ids)
 
     def score_guess(self, prefix: str, used: list[int]) -> None:
         """The layer ran and used experts `used`: score the guess made for it, if any."""
@@ -302,10 +302,10 @@ class ExpertStore:
         nbytes = 0
         for w in ("w1", "w2", "w3"):
             name = f"{prefix}.{e}.{w}.weight"
-            t = self.ckpt.read(name, self.release_page_cache)
+            t = self.ckpt.tensor(name, self.release_page_cache)
             nbytes += t.numel() * t.element_size()
             if t.dtype == torch.float8_e4m3fn or t.dtype in (torch.int8, torch.uint8):
-                s = self.ckpt.read(f"{prefix}.{e}.{w}.scale", self.release_page_cache)
+                s = self.ckpt.tensor(f"{prefix}.{e}.{w}.scale", self.release_page_cache)
                 nbytes += s.numel() * s.element_size()
                 fmt = FP8Block(t, s) if t.dtype == torch.float8_e4m3fn else MXFP4(t.view(torch.int8), s)
             else:
@@ -359,19 +359,19 @@ class LayerExperts:
     def prefetch(self, ids: list[int]) -> None:
         self.store.prefetch(self.prefix, ids)
 
-    def prefetch_next(self, x: torch.Tensor, tokens: torch.Tensor, ids: torch.Tensor) -> None:
-        """This layer routed to `ids`: score the guess made for it, then guess the next layer's experts
-        by applying its router to this layer's input; hash layers' are exact and always prefetched."""
-        self.store.score_guess(self.prefix, torch.unique(ids).tolist())
+    def prefetch_next(self, x: torch.Tensor, tokens: torch.Tensor, used: list[int]) -> None:
+        """This layer uses experts `used`: score the guess made for it, then guess the next layer's
+        experts by applying its router to this layer's input. A hash layer's are known exactly from
+        the tokens (the forward pass asked for them at its start; ask again, as prefetches are bounded)."""
+        self.store.score_guess(self.prefix, used)
         nxt = self.next_router
         if nxt is None:
             return
-        _, guess = nxt.route(x, tokens)
-        guess = torch.unique(guess).tolist()
         if nxt.tid2eid is not None:
-            nxt.experts.prefetch(guess)
-        else:
-            self.store.guess(nxt.experts.prefix, guess)
+            nxt.prefetch_hashed(tokens)
+            return
+        _, guess = nxt.route(x, tokens)
+        self.store.guess(nxt.experts.prefix, torch.unique(guess).tolist())
 
 
 def attach(model, store: ExpertStore) -> None:

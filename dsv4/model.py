@@ -440,11 +440,11 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         weights, ids = self.route(x, tokens)
+        used = torch.unique(ids).tolist()
         prefetch_next = getattr(self.experts, "prefetch_next", None)
         if prefetch_next is not None:  # start reading the next layer's likely experts while this one computes
-            prefetch_next(x, tokens, ids)
+            prefetch_next(x, tokens, used)
         y = ops.expert_mlp(x, *self.shared.weights(), self.limit).float()
-        used = torch.unique(ids).tolist()
         group = getattr(self.experts, "group", None) or len(used)  # a store bounds how many it hands out at once
         for i in range(0, len(used), group):
             chunk = used[i : i + group]

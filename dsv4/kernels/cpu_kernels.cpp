@@ -97,8 +97,17 @@ torch::Tensor permute_x(const torch::Tensor& x) {
 
 // ---- MXFP4 ---------------------------------------------------------------------------------
 
+// e8m0 bytes (one per dword lane, zero-extended) -> fp32. Byte b is 2^(b-127): as fp32 bits that
+// is b<<23, except b=0 (2^-127, a denormal).
+inline __m512 e8m0_to_ps(__m512i b) {
+  __m512i bits = _mm512_slli_epi32(b, 23);
+  const __mmask16 zero = _mm512_testn_epi32_mask(b, b);
+  if (__builtin_expect(zero != 0, 0))
+    bits = _mm512_mask_mov_epi32(bits, zero, _mm512_set1_epi32(0x00400000));
+  return _mm512_castsi512_ps(bits);
+}
+
 // Scales for one 128-code chunk: lane d belongs to block d/4. `s` holds nb (1..4) e8m0 bytes.
-// e8m0 byte b is 2^(b-127): as fp32 bits that is b<<23, except b=0 (2^-127, a denormal).
 inline __m512 mx_scales(const uint8_t* s, int64_t nb) {
   uint32_t v = 0;
   std::memcpy(&v, s, nb);
@@ -108,12 +117,7 @@ inline __m512 mx_scales(const uint8_t* s, int64_t nb) {
       (int)0x80808002, (int)0x80808002, (int)0x80808002, (int)0x80808001, (int)0x80808001,
       (int)0x80808001, (int)0x80808001, (int)0x80808000, (int)0x80808000, (int)0x80808000,
       (int)0x80808000);
-  const __m512i b = _mm512_shuffle_epi8(_mm512_set1_epi32((int)v), ctl);
-  __m512i bits = _mm512_slli_epi32(b, 23);
-  const __mmask16 zero = _mm512_testn_epi32_mask(b, b);
-  if (__builtin_expect(zero != 0, 0))
-    bits = _mm512_mask_mov_epi32(bits, zero, _mm512_set1_epi32(0x00400000));
-  return _mm512_castsi512_ps(bits);
+  return e8m0_to_ps(_mm512_shuffle_epi8(_mm512_set1_epi32((int)v), ctl));
 }
 
 // Load the 64-byte chunk c of a row (masked at the tail) and its scale vector.
@@ -131,12 +135,8 @@ inline void mx_load(const uint8_t* w, const uint8_t* s, int64_t in, int64_t c, _
 
 // Scales for 4 consecutive full chunks (16 e8m0 bytes): sc[i] lane d = block 4i + d/4.
 inline void mx_scales4(const uint8_t* s, __m512 sc[4]) {
-  const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s)));
-  __m512i bits = _mm512_slli_epi32(b, 23);
-  const __mmask16 zero = _mm512_testn_epi32_mask(b, b);
-  if (__builtin_expect(zero != 0, 0))
-    bits = _mm512_mask_mov_epi32(bits, zero, _mm512_set1_epi32(0x00400000));
-  const __m512 f = _mm512_castsi512_ps(bits);
+  const __m512 f =
+      e8m0_to_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s))));
   const __m512i quarter = _mm512_srli_epi32(
       _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), 2);  // d/4
   for (int i = 0; i < 4; ++i)
@@ -392,14 +392,15 @@ bool bf16_gemm(const torch::Tensor& x_in, bool fp32_out) {
   return has_bf16_gemm() && x_in.scalar_type() == torch::kBFloat16 && !fp32_out;
 }
 
-// x [..., in] fp32/bf16 -> contiguous fp32 [M, in]; the checks repeat the Python wrapper's for safety.
-torch::Tensor rows_of(const torch::Tensor& x, int64_t in) {
+// x [..., in] fp32/bf16 -> contiguous [M, in] in `to` (fp32 unless asked); the checks repeat the
+// Python wrapper's for safety.
+torch::Tensor rows_of(const torch::Tensor& x, int64_t in, torch::ScalarType to = torch::kFloat) {
   TORCH_CHECK(x.device().is_cpu(), "dsv4 cpu kernels: x must be on the CPU, got ", x.device());
   TORCH_CHECK(x.scalar_type() == torch::kFloat || x.scalar_type() == torch::kBFloat16,
               "dsv4 cpu kernels: x must be float32 or bfloat16, got ", x.scalar_type());
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == in, "dsv4 cpu kernels: x has ", x.size(-1),
               " input features, the weight expects ", in);
-  return x.reshape({-1, in}).to(torch::kFloat).contiguous();
+  return x.reshape({-1, in}).to(to).contiguous();
 }
 
 // y fp32 [M, out] -> [..., out] in x's dtype (or fp32 when asked).
@@ -481,14 +482,13 @@ inline void mxb_row(const uint8_t* w, const uint8_t* s, int64_t in, int64_t c0, 
     const uint8_t* wc = w + c * 64;
     prefetch(wc + pf);
     const int64_t codes = std::min<int64_t>(kMxChunk, in - c * kMxChunk);  // a multiple of 32
+    // A constant-size copy for full chunks: a variable-length memcpy here is a library call per
+    // chunk, which measured at half the speed from cache.
     uint32_t sv = 0;
     if (__builtin_expect(codes == kMxChunk, 1)) std::memcpy(&sv, s + c * 4, 4);
     else std::memcpy(&sv, s + c * 4, codes / 32);
-    const __m512i b = _mm512_cvtepu8_epi32(_mm_cvtsi32_si128(static_cast<int>(sv)));
-    __m512i bits = _mm512_slli_epi32(b, 23);
-    const __mmask16 zero = _mm512_testn_epi32_mask(b, b);
-    if (__builtin_expect(zero != 0, 0)) bits = _mm512_mask_mov_epi32(bits, zero, _mm512_set1_epi32(0x00400000));
-    const __m512 f = _mm512_castsi512_ps(bits);  // lanes 0..3: the chunk's 4 block scales
+    // lanes 0..3: the chunk's 4 block scales
+    const __m512 f = e8m0_to_ps(_mm512_cvtepu8_epi32(_mm_cvtsi32_si128(static_cast<int>(sv))));
     for (int h = 0; h < 2 && codes > 64 * h; ++h) {
       const __m256i raw = codes - 64 * h >= 64
                               ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wc + 32 * h))
@@ -568,21 +568,21 @@ torch::Tensor mxfp4_linear(const torch::Tensor& x_in, const torch::Tensor& weigh
   TORCH_CHECK(is_byte(scale_in) && scale_in.dim() == 2 && scale_in.size(0) == out_f &&
                   scale_in.size(1) == in / 32,
               "MXFP4 scale: e8m0 [", out_f, ", ", in / 32, "], got ", scale_in.sizes());
-  const auto x = rows_of(x_in, in);
+  const auto x = rows_of(x_in, in, x_in.scalar_type());  // fp32 or bf16, as given
   const auto weight = weight_in.contiguous(), scale = scale_in.contiguous();
   const int64_t M = x.size(0);
   const auto* w = static_cast<const uint8_t*>(weight.data_ptr());
   const auto* s = static_cast<const uint8_t*>(scale.data_ptr());
 #ifdef __AVX512BF16__
-  // One row of bf16 x (batch-1 decode): bf16 dot products, 16.6-17.2 GB/s against 14.8-15.3 for the
-  // fp32 path (bench_kernels, 2 threads). From 2 rows on the fp32 path's shared expansion wins.
-  if (M == 1 && x_in.scalar_type() == torch::kBFloat16) {
-    const auto xb = permute_x_bf16(x_in.reshape({-1, in}).contiguous(), in);
+  // One row of bf16 x (batch-1 decode): bf16 dot products, 2-14 % faster than the fp32 path in
+  // back-to-back bench_kernels runs (2 threads). From 2 rows on the fp32 path's shared expansion wins.
+  if (M == 1 && x.scalar_type() == torch::kBFloat16) {
+    const auto xb = permute_x_bf16(x, in);
     const auto* xbd = static_cast<const uint16_t*>(xb.data_ptr());
     return finish(mxb_decode(w, s, in, out_f, M, xbd, xb.size(1)), x_in, fp32_out);
   }
 #endif
-  auto xp = permute_x<kMxChunk, mx_src>(x);
+  auto xp = permute_x<kMxChunk, mx_src>(x.to(torch::kFloat));
   const int64_t kp = xp.size(1);
   if (M >= prefill_rows && bf16_gemm(x_in, fp32_out)) {
     return finish(dequant_mm<at::BFloat16>(xp.to(torch::kBFloat16), out_f,
