@@ -18,7 +18,8 @@ and the Hadamard-rotated FP4 rounding of the indexer path.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
+from functools import partial
 from typing import Protocol
 
 import torch
@@ -28,6 +29,7 @@ from torch import nn
 from . import ops
 from .config import ModelConfig
 from .quant import Dense, Weight, hadamard, simulate_fp4, simulate_fp8
+from .state import DEFAULT_MAX_ROLLBACK, CompressorState, Entries, LayerState, Ring, SeqState
 
 
 class WeightSource(Protocol):
@@ -41,58 +43,7 @@ class Numerics:
     released: bool = False  # as-released roundings (FP8 KV, Hadamard + FP4 indexer)
 
 
-# ---------------------------------------------------------------- state
-
-
-@dataclass
-class CompressorState:
-    """One compressor's unfinished window and its emitted entries."""
-
-    kv: torch.Tensor  # [<ratio, C] fp32 rows of the open window
-    gate: torch.Tensor  # [<ratio, C] fp32, ape already added
-    entries: torch.Tensor  # [N, hd] compressed entries so far
-    prev_kv: torch.Tensor | None = None  # CSA: the last closed window's Ca half [ratio, C/2]
-    prev_gate: torch.Tensor | None = None
-
-
-@dataclass
-class LayerState:
-    window: torch.Tensor  # [<=window-1, hd] the latest K=V entries
-    comp: CompressorState | None = None
-    index: CompressorState | None = None
-
-
-@dataclass
-class SeqState:
-    """Everything a sequence needs to continue: per-layer KV state and its length."""
-
-    layers: list[LayerState]
-    mtp: list[LayerState] = field(default_factory=list)
-    pos: int = 0
-
-    def snapshot(self) -> SeqState:
-        """A copy to roll back to. Cheap: state tensors are replaced on update, never written in place."""
-        def copy_layer(ls: LayerState) -> LayerState:
-            return LayerState(ls.window, *(None if c is None else replace(c) for c in (ls.comp, ls.index)))
-
-        return SeqState([copy_layer(x) for x in self.layers], [copy_layer(x) for x in self.mtp], self.pos)
-
-    def restore(self, snap: SeqState) -> None:
-        self.layers, self.mtp, self.pos = snap.layers, snap.mtp, snap.pos
-
-    def nbytes(self) -> int:
-        total = 0
-        for ls in self.layers + self.mtp:
-            for t in _state_tensors(ls):
-                total += t.numel() * t.element_size()
-        return total
-
-
-def _state_tensors(ls: LayerState):
-    yield ls.window
-    for c in (ls.comp, ls.index):
-        if c is not None:
-            yield from (t for t in (c.kv, c.gate, c.entries, c.prev_kv, c.prev_gate) if t is not None)
+# ---------------------------------------------------------------- step
 
 
 @dataclass
@@ -102,7 +53,15 @@ class Batch:
     tokens: torch.Tensor  # [T] int64
     positions: torch.Tensor  # [T] int64 absolute positions
     segments: list[tuple[int, int]]  # [start, end) of each sequence in T
+    starts: list[int]  # each sequence's first position (its state's length before the step)
     rope: dict[str, tuple[torch.Tensor, torch.Tensor]]  # "main" / "compress" -> cos, sin [T, R/2]
+
+    def first_token(self) -> Batch:
+        """The step cut to its first token (one sequence)."""
+        if len(self.segments) != 1:
+            raise ValueError("first_token needs a one-sequence step")
+        return Batch(self.tokens[:1], self.positions[:1], [(0, 1)], self.starts,
+                     {k: (c[:1], s[:1]) for k, (c, s) in self.rope.items()})  # fmt: skip
 
 
 # ---------------------------------------------------------------- rope
@@ -216,41 +175,46 @@ class Compressor(nn.Module):
         self.ratio, self.hd, self.overlap, self.rotate = ratio, head_dim, overlap, rotate
         self.rd, self.eps, self.numerics = cfg.rope_head_dim, cfg.norm_eps, numerics
 
-    def new_state(self, device) -> CompressorState:
-        c = self.wkv.shape[0]
-        empty = torch.zeros(0, c, device=device)
-        return CompressorState(empty, empty, torch.zeros(0, self.hd, device=device, dtype=self.numerics.dtype))
+    def new_state(self, device, max_rollback: int) -> CompressorState:
+        r = self.ratio
+        rows = Ring(r * (1 + self.overlap) + max_rollback, 2 * self.wkv.shape[0], torch.float32, device)
+        return CompressorState(r, self.overlap, rows, Entries(self.hd, self.numerics.dtype, device))
 
-    def project(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [T, D] -> kv, gate [T, C] in fp32 (the official code compresses in fp32)."""
+    def project(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x [T, D] -> rows [T, 2C] = [kv | gate + ape] in fp32 (the official code compresses in fp32)."""
         xf = x.float()
-        return F.linear(xf, self.wkv), F.linear(xf, self.wgate) + self.ape[positions % self.ratio]
+        return torch.cat([F.linear(xf, self.wkv), F.linear(xf, self.wgate) + self.ape[positions % self.ratio]], -1)
 
-    def update(self, st: CompressorState, kv: torch.Tensor, gate: torch.Tensor, rope: Rope) -> torch.Tensor:
-        """Add one sequence's new rows; emit an entry per closed window; return all entries [N, hd]."""
+    def update(self, st: CompressorState, rows: torch.Tensor, pos: int, rope: Rope, layer: LayerState) -> torch.Tensor:
+        """One sequence's new rows [S, 2C] at positions pos.. : emit an entry per window they close and
+        stage the rows' storage; return the entries visible after the step [N, hd]."""
         r, d = self.ratio, self.hd
-        kv, gate = torch.cat([st.kv, kv]), torch.cat([st.gate, gate])
-        n_new = kv.shape[0] // r
-        st.kv, st.gate = kv[n_new * r :], gate[n_new * r :]
-        if n_new == 0:
-            return st.entries
-        kv, gate = kv[: n_new * r].view(n_new, r, -1), gate[: n_new * r].view(n_new, r, -1)
+        layer.stage(partial(st.rows.write, pos, rows))
+        first, end = pos // r, (pos + rows.shape[0]) // r
+        if end == first:
+            return st.entries.view(first)
+        start = st.start(pos)
+        rows = torch.cat([st.rows.read(start, pos), rows])  # positions start ..
+        c = rows.shape[1] // 2
+        base = first * r - start  # the first closing window's offset; `base` rows before it when overlapping
+        win = rows[base : base + (end - first) * r].view(end - first, r, 2 * c)
+        kv, gate = win[..., :c], win[..., c:]
         if self.overlap:  # slots: previous window's Ca (first d channels), then this window's Cb
-            prev_kv = st.prev_kv if st.prev_kv is not None else kv.new_zeros(r, d)
-            prev_gate = st.prev_gate if st.prev_gate is not None else gate.new_full((r, d), float("-inf"))
+            if base:
+                prev_kv, prev_gate = rows[:base, :d], rows[:base, c : c + d]
+            else:
+                prev_kv, prev_gate = kv.new_zeros(r, d), gate.new_full((r, d), float("-inf"))
             ca_kv = torch.cat([prev_kv[None], kv[:-1, :, :d]])
             ca_gate = torch.cat([prev_gate[None], gate[:-1, :, :d]])
-            st.prev_kv, st.prev_gate = kv[-1, :, :d], gate[-1, :, :d]
             kv, gate = torch.cat([ca_kv, kv[..., d:]], dim=1), torch.cat([ca_gate, gate[..., d:]], dim=1)
-        pooled = (kv * torch.softmax(gate, dim=1)).sum(dim=1).to(self.numerics.dtype)  # [n_new, hd]
+        pooled = (kv * torch.softmax(gate, dim=1)).sum(dim=1).to(self.numerics.dtype)  # [end - first, hd]
         pooled = ops.rms_norm(pooled, self.norm, self.eps)
-        first = st.entries.shape[0]
-        positions = torch.arange(first, first + n_new, device=pooled.device) * r
-        pooled = ops.rope(pooled, *rope(positions))
+        pooled = ops.rope(pooled, *rope(torch.arange(first, end, device=pooled.device) * r))
         if self.numerics.released:
             pooled = _round_indexer(pooled) if self.rotate else _round_kv(pooled, self.rd)
-        st.entries = torch.cat([st.entries, pooled])
-        return st.entries
+        # entries past pos // ratio are not part of the state yet, so they can be written now
+        st.entries.write(first, pooled)
+        return st.entries.view(end)
 
 
 def _round_kv(kv: torch.Tensor, rd: int) -> torch.Tensor:
@@ -319,12 +283,13 @@ class Attention(nn.Module):
         self.n_heads, self.hd, self.rd, self.window = cfg.n_heads, cfg.head_dim, cfg.rope_head_dim, cfg.window_size
         self.groups, self.eps, self.numerics, self.ratio = cfg.o_groups, cfg.norm_eps, numerics, ratio
 
-    def new_state(self, device) -> LayerState:
-        st = LayerState(torch.zeros(0, self.hd, device=device, dtype=self.numerics.dtype))
+    def new_state(self, device, max_rollback: int = DEFAULT_MAX_ROLLBACK) -> LayerState:
+        span = self.window - 1  # window positions a query sees besides its own
+        st = LayerState(Ring(span + max_rollback, self.hd, self.numerics.dtype, device), span)
         if self.compressor is not None:
-            st.comp = self.compressor.new_state(device)
+            st.comp = self.compressor.new_state(device, max_rollback)
         if self.indexer is not None:
-            st.index = self.indexer.compressor.new_state(device)
+            st.index = self.indexer.compressor.new_state(device, max_rollback)
         return st
 
     def forward(self, x: torch.Tensor, batch: Batch, states: list[LayerState], rope: Rope) -> torch.Tensor:
@@ -338,25 +303,25 @@ class Attention(nn.Module):
         comp = self.compressor.project(x, batch.positions) if self.compressor is not None else None
         index = None
         if self.indexer is not None:
-            index = (*self.indexer.queries(x, qr, cos_sin), *self.indexer.compressor.project(x, batch.positions))
+            index = (*self.indexer.queries(x, qr, cos_sin), self.indexer.compressor.project(x, batch.positions))
         outs = []
-        for (a, b), st in zip(batch.segments, states, strict=True):
+        for (a, b), pos, st in zip(batch.segments, batch.starts, states, strict=True):
             seg = slice(a, b)
-            entries = self.compressor.update(st.comp, comp[0][seg], comp[1][seg], rope) if comp else None
+            entries = self.compressor.update(st.comp, comp[seg], pos, rope, st) if comp is not None else None
             sel = None
             if index is not None:
-                keys = self.indexer.compressor.update(st.index, index[2][seg], index[3][seg], rope)
+                keys = self.indexer.compressor.update(st.index, index[2][seg], pos, rope, st)
                 sel = (index[0][seg], index[1][seg], keys)
-            outs.append(self._attend(q[seg], kv[seg], batch.positions[seg], st, entries, sel))
+            outs.append(self._attend(q[seg], kv[seg], batch.positions[seg], pos, st, entries, sel))
         o = ops.rope(torch.cat(outs), *cos_sin, inverse=True)  # undo the values' RoPE at the query position
         o = ops.grouped_linear(o.flatten(1).unflatten(1, (self.groups, -1)), self.wo_a.w, self.groups)
         return self.wo_b(o.flatten(1))
 
-    def _attend(self, q, kv, positions, st: LayerState, entries, sel, block: int = 128) -> torch.Tensor:
-        """One sequence: q [S, H, hd], new kv [S, hd] at `positions`; updates the window state."""
-        keys = torch.cat([st.window, kv])  # positions pos0 - len(window) ... pos0 + S - 1
-        first = int(positions[0]) - st.window.shape[0]
-        st.window = keys[-(self.window - 1) :] if self.window > 1 else keys[:0]
+    def _attend(self, q, kv, positions, pos0: int, st: LayerState, entries, sel, block: int = 128) -> torch.Tensor:
+        """One sequence: q [S, H, hd], new kv [S, hd] at positions pos0..; stages the window's update."""
+        first = max(pos0 - st.span, 0)
+        keys = torch.cat([st.window.read(first, pos0), kv])  # positions first ... pos0 + S - 1
+        st.stage(partial(st.window.write, pos0, kv))
         out = []
         for i in range(0, q.shape[0], block):  # query blocks bound the score matrix to block x (block+window)
             pos = positions[i : i + block]
@@ -539,11 +504,12 @@ class Transformer(nn.Module):
     def device(self) -> torch.device:
         return self.embed.device
 
-    def new_state(self) -> SeqState:
+    def new_state(self, max_rollback: int = DEFAULT_MAX_ROLLBACK) -> SeqState:
         dev = self.device
         return SeqState(
-            layers=[layer.attn.new_state(dev) for layer in self.layers],
-            mtp=[m.block.attn.new_state(dev) for m in self.mtp],
+            layers=[layer.attn.new_state(dev, max_rollback) for layer in self.layers],
+            mtp=[m.block.attn.new_state(dev, max_rollback) for m in self.mtp],
+            max_rollback=max_rollback,
         )
 
     def make_batch(self, seqs: list[list[int]], states: list[SeqState]) -> Batch:
@@ -567,18 +533,27 @@ class Transformer(nn.Module):
             tokens=torch.tensor(tokens, dtype=torch.long, device=dev),
             positions=pos,
             segments=segments,
+            starts=[st.pos for st in states],
             rope={k: r(pos) for k, r in self.ropes.items()},
         )
 
     def forward(self, batch: Batch, states: list[SeqState]) -> torch.Tensor:
-        """Run one step; advance every state; return the last streams h [T, n, D]."""
+        """Run one step; advance every state; return the last streams h [T, n, D].
+
+        Atomic: layers stage their state writes, committed once all have run; a step that raises
+        leaves every state as it was."""
         for layer in self.layers:
             layer.ffn.prefetch_hashed(batch.tokens)
         h = F.embedding(batch.tokens, self.embed).unsqueeze(1).repeat(1, self.cfg.hc_mult, 1)
-        for i, layer in enumerate(self.layers):
-            h = layer(h, batch, [st.layers[i] for st in states], self.ropes["compress"])
+        try:
+            for i, layer in enumerate(self.layers):
+                h = layer(h, batch, [st.layers[i] for st in states], self.ropes["compress"])
+        except BaseException:
+            for st in states:
+                st.discard()
+            raise
         for (a, b), st in zip(batch.segments, states, strict=True):
-            st.pos += b - a
+            st.advance(b - a)
         return h
 
     def logits_from(self, h: torch.Tensor) -> torch.Tensor:
@@ -595,5 +570,13 @@ class Transformer(nn.Module):
         if not self.mtp:
             raise RuntimeError("this checkpoint has no MTP layer (no mtp.* tensors)")
         e = F.embedding(next_tokens, self.embed)
-        x, _ = self.mtp[0](h, e, batch, [st.mtp[0] for st in states], self.ropes["compress"])
+        mtp_states = [st.mtp[0] for st in states]
+        try:
+            x, _ = self.mtp[0](h, e, batch, mtp_states, self.ropes["compress"])
+        except BaseException:
+            for ls in mtp_states:
+                ls.discard()
+            raise
+        for ls in mtp_states:
+            ls.commit()
         return F.linear(x, self.head).float()

@@ -5,7 +5,8 @@ model then checks the draft and its own next token in one two-token step. Greedy
 iff it is the main model's argmax, so the output is exactly plain greedy decoding. Sampling: the
 draft d ~ q is kept with probability min(1, p(d)/q(d)), else a token is drawn from the residual
 max(0, p - q), which leaves the output distribution the main model's (speculative rejection
-sampling). A rejected step rolls the state back (`SeqState.snapshot`) and feeds the kept token alone.
+sampling). A rejected draft is forgotten with `SeqState.rollback(1)`: the step's first position (the
+token before the draft) stays in the state, and its streams feed the next draft.
 """
 
 from __future__ import annotations
@@ -41,7 +42,6 @@ def speculative_events(engine, seq: Sequence) -> Iterator[Event]:
     while ev.finish_reason is None:
         q = sampler.probs(draft_logits)
         d = int(q.argmax()) if sampler.params.greedy else sampler.draw(q)
-        snap = state.snapshot()
         batch = model.make_batch([[tok, d]], [state])
         h = model(batch, [state])
         logits = model.logits_from(h)
@@ -62,13 +62,11 @@ def speculative_events(engine, seq: Sequence) -> Iterator[Event]:
             yield ev
             draft_logits = model.mtp_logits(h, torch.tensor([d, tok]), batch, [state])[-1]
             continue
-        state.restore(snap)
+        state.rollback(1)  # forget the draft; the token before it stays, with its streams h[0]
         new = int(p.argmax()) if sampler.params.greedy else sampler.draw(residual(p, q))
         ev = seq.append(new, logits[0])
         yield ev
         if ev.finish_reason is not None:
             return
-        batch = model.make_batch([[tok]], [state])
-        h = model(batch, [state])
         tok = new
-        draft_logits = model.mtp_logits(h, torch.tensor([tok]), batch, [state])[-1]
+        draft_logits = model.mtp_logits(h[:1], torch.tensor([tok]), batch.first_token(), [state])[-1]

@@ -108,3 +108,90 @@ def test_state_reports_its_memory(engine):
 def test_out_of_vocab_token_is_a_clear_error(engine):
     with pytest.raises(ValueError, match="outside the vocabulary"):
         engine.logits([1, engine.config.vocab_size])
+
+
+# ---------------------------------------------------------------- the state's own operations
+# Cut points inside and at the edges of compression windows (ratios 4 and 8 in "small", window 16).
+
+
+def _continue(engine, state, ids):
+    return engine.step([ids], [state], all_logits=True)[0]
+
+
+@pytest.mark.parametrize("at", [1, 4, 8, 15, 16, 17, 31, 32, 33, 63])
+def test_snapshot_restore_and_tensors_continue_exactly(engine, at):
+    ids = token_ids(80, engine.config.vocab_size, seed=at)
+    want = engine.logits(ids)[at:]
+    state = engine.new_state()
+    _continue(engine, state, ids[:at])
+    snap = state.snapshot()
+    saved = {k: v.clone() for k, v in state.tensors().items()}
+    assert state.live_nbytes() == sum(t.nbytes for t in saved.values()) and state.nbytes() >= state.live_nbytes()
+    assert_same(engine, _continue(engine, state, ids[at:]), want)  # uninterrupted
+    state.restore(snap)  # back to `at`, and the snapshot is still intact afterwards
+    assert_same(engine, _continue(engine, state, ids[at:]), want)
+    state.restore(snap)
+    assert_same(engine, _continue(engine, state, ids[at:]), want)
+    fresh = engine.new_state()
+    fresh.load_tensors(saved)
+    assert fresh.pos == at
+    assert_same(engine, _continue(engine, fresh, ids[at:]), want)
+
+
+@pytest.mark.parametrize("at,fed,back", [(30, 6, 6), (30, 6, 2), (14, 3, 3), (31, 2, 1), (7, 8, 8), (60, 5, 4)])
+def test_rollback_forgets_tokens_exactly(engine, at, fed, back):
+    """Feed `fed` wrong tokens after `at`, forget `back` of them, continue: as if never fed."""
+    ids = token_ids(90, engine.config.vocab_size, seed=at + fed)
+    wrong = token_ids(fed, engine.config.vocab_size, seed=99)
+    keep = fed - back
+    seq = ids[:at] + wrong[:keep] + ids[at:]
+    want = engine.logits(seq)[at + keep :]
+    state = engine.new_state()
+    _continue(engine, state, ids[:at])
+    _continue(engine, state, wrong)
+    state.rollback(back)
+    assert state.pos == at + keep
+    assert_same(engine, _continue(engine, state, ids[at:]), want)
+
+
+def test_rollback_beyond_its_room_is_refused(engine):
+    state = engine.new_state()
+    _continue(engine, state, token_ids(20, engine.config.vocab_size))
+    with pytest.raises(ValueError, match="cannot roll back 9"):
+        state.rollback(9)
+    state.rollback(8)
+    with pytest.raises(ValueError, match="cannot roll back 1"):
+        state.rollback(1)
+
+
+def test_a_step_that_raises_leaves_the_state_unchanged(engine, monkeypatch):
+    ids = token_ids(70, engine.config.vocab_size, seed=4)
+    want = engine.logits(ids)[40:]
+    state = engine.new_state()
+    _continue(engine, state, ids[:40])
+    layer = engine.model.layers[-1]
+    boom = RuntimeError("injected")
+
+    def fail(*a, **k):
+        raise boom
+
+    monkeypatch.setattr(layer.ffn, "forward", fail)
+    with pytest.raises(RuntimeError, match="injected"):
+        _continue(engine, state, token_ids(30, engine.config.vocab_size, seed=8))  # writes every earlier layer
+    monkeypatch.undo()
+    assert state.pos == 40
+    assert_same(engine, _continue(engine, state, ids[40:]), want)
+
+
+def test_loading_mismatched_state_tensors_is_a_clear_error(engine, tiny_ckpt):
+    state = engine.new_state()
+    _continue(engine, state, token_ids(20, engine.config.vocab_size))
+    saved = state.tensors()
+    bad = dict(saved)
+    name = next(k for k in bad if k.endswith("window"))
+    bad[name] = bad[name][:, :-1]
+    with pytest.raises(ValueError, match=name.replace(".", r"\.")):
+        engine.new_state().load_tensors(bad)
+    other = dsv4.load(tiny_ckpt("flash").path, dtype=torch.float32)
+    with pytest.raises(ValueError, match="expected"):
+        other.new_state().load_tensors(saved)

@@ -6,9 +6,8 @@ joins at the next step (continuous batching). Each `Event` is handed to the even
 request with `loop.call_soon_threadsafe`. Admission is bounded: at most `max_running + max_queue`
 sequences may be in flight, beyond that `submit` raises `QueueFull` instead of queueing.
 
-A forward pass that raises fails only the sequences that cause it: the states of the failed step are
-rolled back (state tensors are replaced on update, never written in place, so a snapshot is cheap),
-each sequence of that step is tried alone, and only those that fail alone end, with finish_reason
+A forward pass that raises fails only the sequences that cause it: a step is atomic (a forward that
+raises leaves its states as they were), each sequence of that step is tried alone on a snapshot, and only those that fail alone end, with finish_reason
 "error". It knows nothing of HTTP, JSON or the chat format.
 """
 
@@ -53,12 +52,9 @@ class _GuardedEngine:
 
     def step(self, seqs, states, all_logits=False):
         self.fed = list(zip(seqs, states, strict=True))
-        snaps = [st.snapshot() for st in states]
         try:
-            return self.engine.step(seqs, states, all_logits)
+            return self.engine.step(seqs, states, all_logits)  # atomic: a step that raises changes no state
         except Exception:
-            for st, snap in zip(states, snaps, strict=True):
-                st.restore(snap)
             self.forward_failed = True
             raise
 
