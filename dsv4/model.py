@@ -246,10 +246,19 @@ class Indexer(nn.Module):
         w = F.linear(x, self.weights_proj).float() * (self.hd**-0.5 * self.n_heads**-0.5)
         return q, w
 
+    @staticmethod
+    def scores(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """Index scores [S, N] of queries q [S, Hi, hdi] (head weights w [S, Hi]) against keys [N, hdi]."""
+        scores = torch.einsum("shd,nd->shn", q.float(), keys.float()).relu()
+        return (scores * w.unsqueeze(-1)).sum(dim=1)
+
+    def top(self, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """One query that sees every entry: the indices [k] of its top-k (earliest first among ties)."""
+        return self.scores(q, w, keys)[0].sort(descending=True, stable=True).indices[: self.topk]
+
     def select(self, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor):
         """Top-k visible entries per query: indices [S, k] and their validity [S, k]."""
-        scores = torch.einsum("shd,nd->shn", q.float(), keys.float()).relu()
-        scores = (scores * w.unsqueeze(-1)).sum(dim=1)  # [S, N]
+        scores = self.scores(q, w, keys)  # [S, N]
         n_visible = (positions + 1) // self.ratio  # entry j is visible iff j < n_visible
         visible = torch.arange(keys.shape[0], device=keys.device)[None] < n_visible[:, None]
         k = min(self.topk, keys.shape[0])
@@ -322,6 +331,11 @@ class Attention(nn.Module):
         first = max(pos0 - st.span, 0)
         keys = torch.cat([st.window.read(first, pos0), kv])  # positions first ... pos0 + S - 1
         st.stage(partial(st.window.write, pos0, kv))
+        if q.shape[0] == 1:  # decode: the one query sees every key of the window and every entry
+            if entries is not None and entries.shape[0]:
+                picked = entries if sel is None else entries[self.indexer.top(*sel)]
+                keys = torch.cat([keys, picked])
+            return ops.sink_attention(q, keys, None, self.attn_sink, self.hd**-0.5)
         out = []
         for i in range(0, q.shape[0], block):  # query blocks bound the score matrix to block x (block+window)
             pos = positions[i : i + block]

@@ -101,7 +101,7 @@ def expert_mlp(x: torch.Tensor, w1: Weight, w2: Weight, w3: Weight, limit: float
 def sink_attention(
     q: torch.Tensor,
     k: torch.Tensor,
-    valid: torch.Tensor,
+    valid: torch.Tensor | None,
     sink: torch.Tensor,
     scale: float,
     k_sel: torch.Tensor | None = None,
@@ -109,13 +109,14 @@ def sink_attention(
 ) -> torch.Tensor:
     """Softmax attention over one shared K=V head with a per-head sink logit in the denominator only.
 
-    q `[S, H, D]`; k `[K, D]` keys shared by all queries with `valid` `[S, K]`; optionally k_sel
+    q `[S, H, D]`; k `[K, D]` keys shared by all queries with `valid` `[S, K]` (None: all valid); optionally k_sel
     `[S, Ks, D]` keys chosen per query (CSA's top-k compressed entries) with `valid_sel` `[S, Ks]`.
     Returns `[S, H, D]` in q's dtype; math in fp32.
     """
     qf = q.float()
     scores = torch.einsum("shd,kd->shk", qf, k.float()) * scale
-    scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
+    if valid is not None:  # None: every key is visible to every query
+        scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
     parts = [scores]
     if k_sel is not None:
         sel = torch.einsum("shd,skd->shk", qf, k_sel.float()) * scale

@@ -11,8 +11,8 @@ Calls that autograd must differentiate always take the fallback.
 The compiled path (`cpu_kernels.cpp`) is built on first use with `torch.utils.cpp_extension.load`
 into `~/.cache/dsv4/kernels/<hash>`, the hash covering the source, the flags, the torch version
 and the CPU's flags (the build uses `-march=native`). It needs a C++ compiler, `ninja` and an
-AVX-512 CPU; without them, or with `DSV4_KERNELS=torch`, every call takes the fallback, after one
-warning.
+AVX-512 CPU; without them, or with `DSV4_KERNELS=torch`, every call takes the fallback (a failed
+build warns once; a CPU without AVX-512 is a normal case, reported by `fallback_reason()`).
 
 This module knows the weight formats only; which layer uses which format is `dsv4.ops`'s business.
 """
@@ -49,6 +49,7 @@ _FALLBACK_CHUNK = 1 << 24
 
 _lock = threading.Lock()
 _ext = None  # the compiled module once built; False once it is known to be unusable
+_reason = ""  # why the fallback takes every call, once that is known
 
 
 def backend() -> str:
@@ -59,6 +60,13 @@ def backend() -> str:
 def available() -> bool:
     """Whether the compiled kernels are usable here (builds them on the first call)."""
     return _load() is not None
+
+
+def fallback_reason() -> str:
+    """Why every call takes the plain-torch fallback ("" when the compiled kernels are in use)."""
+    if os.environ.get("DSV4_KERNELS", "").lower() == "torch":
+        return "DSV4_KERNELS=torch"
+    return "" if available() else _reason
 
 
 def _cpu_flags() -> str:
@@ -91,12 +99,9 @@ def _load():
 
 
 def _build():
+    global _reason
     if torch.backends.cpu.get_cpu_capability() != "AVX512" or "avx512bw" not in _cpu_flags():
-        warnings.warn(
-            "dsv4.kernels: no AVX-512 on this CPU, using the plain-torch fallback",
-            RuntimeWarning,
-            stacklevel=4,
-        )
+        _reason = "no AVX-512 on this CPU"
         return None
     try:
         from torch.utils.cpp_extension import load
@@ -112,6 +117,7 @@ def _build():
             verbose=False,
         )
     except Exception as e:  # no compiler, no ninja, a broken cache: the engine still runs
+        _reason = f"the build failed ({type(e).__name__})"
         warnings.warn(
             f"dsv4.kernels: building the CPU kernels failed ({type(e).__name__}: {str(e)[:500]}), "
             "using the plain-torch fallback (pip install ninja and a C++ compiler to build them)",
