@@ -1,8 +1,8 @@
 """The compute seam between the model math and the kernels.
 
-`linear` dispatches on the weight's format object (`Dense`, `FP8Block`, `MXFP4` from `quant`) and
-uses the compiled CPU kernels when they are available for that device, else the plain-torch
-reference (dequantize, then matmul). The other helpers (RMSNorm, interleaved RoPE, the clamped
+`linear` dispatches on the weight's format object (`Dense`, `FP8Block`, `MXFP4` from `quant`); the
+quantized formats go to `dsv4.kernels`, which takes its compiled CPU kernels where they apply and
+otherwise its plain-torch reference (dequantize in fp32, then matmul): one reference path for both. The other helpers (RMSNorm, interleaved RoPE, the clamped
 SwiGLU, attention with a sink) are small enough to stay plain torch.
 
 It knows nothing of layers, checkpoints or sequences.
@@ -13,30 +13,18 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import kernels
 from .quant import MXFP4, Dense, FP8Block, Weight
-
-try:  # compiled kernels are optional: every call below has a plain-torch path
-    from . import kernels as _kernels
-except ImportError:  # pragma: no cover - the package ships them, but a partial install may not
-    _kernels = None
-
-
-def _use_kernels(x: torch.Tensor) -> bool:
-    return _kernels is not None and x.device.type == "cpu" and _kernels.available()
 
 
 def linear(x: torch.Tensor, w: Weight) -> torch.Tensor:
-    """y = x @ W^T for any weight format; returns x's dtype."""
+    """y = x @ W^T for any weight format; returns x's dtype (quantized formats accumulate in fp32)."""
     if isinstance(w, Dense):
         return F.linear(x, w.weight if w.weight.dtype == x.dtype else w.weight.to(x.dtype))
     if isinstance(w, MXFP4):
-        if _use_kernels(x):
-            return _kernels.mxfp4_linear(x, w.weight, w.scale)
-        return F.linear(x, w.dequantize(x.dtype))
+        return kernels.mxfp4_linear(x, w.weight, w.scale)
     if isinstance(w, FP8Block):
-        if _use_kernels(x):
-            return _kernels.fp8_linear(x, w.weight, w.scale)
-        return F.linear(x, w.dequantize(x.dtype))
+        return kernels.fp8_linear(x, w.weight, w.scale)
     raise TypeError(f"unknown weight format {type(w).__name__}")
 
 

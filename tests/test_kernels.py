@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import warnings
 
 import pytest
 import torch
@@ -68,7 +69,20 @@ def xs(rows: int, in_f: int, dtype=torch.float32, seed: int = 1) -> torch.Tensor
     return torch.randn(rows, in_f, generator=torch.Generator().manual_seed(seed)).to(dtype)
 
 
-needs_compiled = pytest.mark.skipif(not kernels.available(), reason="compiled kernels not available")
+ISAS = kernels.supported_isas()  # both builds on an AVX-512 CPU, the AVX2 one on CI's
+
+
+@pytest.fixture(params=ISAS or [pytest.param(None, marks=pytest.mark.skip(reason="no AVX-512 or AVX2 here"))])
+def isa(request, monkeypatch):
+    """Each test below runs once per build this CPU can run, forced through DSV4_KERNELS."""
+    monkeypatch.setenv("DSV4_KERNELS", request.param)
+    if not kernels.available():
+        pytest.skip(kernels.fallback_reason())
+    assert kernels.isa() == request.param and kernels.fallback_reason() == ""
+    return request.param
+
+
+needs_compiled = pytest.mark.usefixtures("isa")
 
 
 # ---- the fallback is the reference math ----
@@ -106,21 +120,61 @@ def test_env_forces_fallback(monkeypatch):
 
 
 def test_build_failure_falls_back_with_one_warning(monkeypatch, tmp_path):
-    monkeypatch.setattr(kernels, "_ext", None)
+    monkeypatch.setattr(kernels, "_exts", {})
     monkeypatch.setattr(kernels, "_SOURCE", tmp_path / "missing.cpp")
+    monkeypatch.setattr(kernels, "supported_isas", lambda: ["avx2"])
     with pytest.warns(RuntimeWarning, match="fallback"):
         assert not kernels.available()
     assert not kernels.available()  # cached: no second build attempt, no second warning
+    assert "avx2 build failed" in kernels.fallback_reason()
     q, s = mx_weight(8, 32)
     x = xs(1, 32)
     assert torch.equal(kernels.mxfp4_linear(x, q, s), kernels.mxfp4_linear_torch(x, q, s))
 
 
-def test_cpu_without_avx512_falls_back(monkeypatch):
-    monkeypatch.setattr(kernels, "_ext", None)
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
-    with pytest.warns(RuntimeWarning, match="AVX-512"):
-        assert not kernels.available()
+@pytest.mark.parametrize(
+    "flags, capability, chosen",
+    [
+        ("avx2 fma f16c avx512f avx512bw avx512vl", "AVX512", ["avx512", "avx2"]),
+        ("avx2 fma f16c avx512f avx512bw avx512vl", "AVX2", ["avx2"]),  # ATEN_CPU_CAPABILITY=avx2
+        ("avx2 fma f16c avx512f", "AVX512", ["avx2"]),  # no BW/VL
+        ("avx2 fma f16c", "AVX2", ["avx2"]),  # CI's CPU
+        ("avx avx2 fma", "AVX2", []),  # no F16C
+        ("sse4_2", "DEFAULT", []),
+    ],
+)
+def test_the_build_follows_the_cpu_flags(monkeypatch, flags, capability, chosen):
+    monkeypatch.setattr(kernels, "_cpu_flags", lambda: set(flags.split()))
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    monkeypatch.delenv("DSV4_KERNELS", raising=False)
+    assert kernels.supported_isas() == chosen
+    if not chosen:  # a normal case: no build, no warning, the reason on record
+        monkeypatch.setattr(kernels, "_exts", {})
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert not kernels.available() and kernels.isa() is None
+        assert kernels.fallback_reason() == "no AVX-512 or AVX2+FMA+F16C on this CPU"
+
+
+@pytest.mark.parametrize(
+    "value, reason",
+    [
+        ("torch", "DSV4_KERNELS=torch"),
+        ("sse", "DSV4_KERNELS=sse is not one of"),
+        ("AVX9", "DSV4_KERNELS=avx9 is not one of"),
+    ],
+)
+def test_env_values_that_take_the_fallback(monkeypatch, value, reason):
+    monkeypatch.setenv("DSV4_KERNELS", value)
+    assert not kernels.available()
+    assert kernels.fallback_reason().startswith(reason)
+
+
+def test_env_asking_for_a_missing_isa(monkeypatch):
+    monkeypatch.setattr(kernels, "_cpu_flags", lambda: {"avx2", "fma", "f16c"})
+    monkeypatch.setenv("DSV4_KERNELS", "avx512")
+    assert not kernels.available()
+    assert kernels.fallback_reason() == "DSV4_KERNELS=avx512 but this CPU lacks AVX512"
 
 
 def test_autograd_calls_take_the_differentiable_fallback():
@@ -296,11 +350,10 @@ def test_strided_and_empty_inputs():
     assert kernels.fp8_linear(xs(0, 256).reshape(0, 0, 256), q, s).shape == (0, 0, 64)
 
 
+@needs_compiled
 def test_prefill_path_under_inference_mode():
     """The multi-row path writes its output from worker threads; under torch.inference_mode that
     output is an inference tensor, which worker threads may only write with the mode set."""
-    if not kernels.available():
-        pytest.skip("compiled kernels unavailable")
     g = torch.Generator().manual_seed(0)
     w8, s8 = quantize_fp8_block(torch.randn(1024, 512, generator=g))
     w4, s4 = quantize_mxfp4(torch.randn(1024, 512, generator=g))

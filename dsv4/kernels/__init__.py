@@ -8,11 +8,14 @@ exact products, fp32 sums); from `*_PREFILL_ROWS` rows on they dequantize tiles 
 (a bf16 GEMM when x is bf16 and so is the result: exact products, fp32 sums).
 Calls that autograd must differentiate always take the fallback.
 
-The compiled path (`cpu_kernels.cpp`) is built on first use with `torch.utils.cpp_extension.load`
-into `~/.cache/dsv4/kernels/<hash>`, the hash covering the source, the flags, the torch version
-and the CPU's flags (the build uses `-march=native`). It needs a C++ compiler, `ninja` and an
-AVX-512 CPU; without them, or with `DSV4_KERNELS=torch`, every call takes the fallback (a failed
-build warns once; a CPU without AVX-512 is a normal case, reported by `fallback_reason()`).
+The compiled path (`cpu_kernels.cpp` with `avx512.h` or `avx2.h`) is built on first use with
+`torch.utils.cpp_extension.load` into `~/.cache/dsv4/kernels/<hash>`, the hash covering the sources,
+the flags, the torch version and the CPU's flags (the build uses `-march=native`). It needs a C++
+compiler, `ninja` and a CPU with AVX-512 (F, BW, VL) or AVX2 + FMA + F16C; the AVX2 build drops
+AVX-512 with `-mno-avx512f`. `DSV4_KERNELS` picks: `torch` (every call takes the fallback), `avx2`
+(the AVX2 build even on an AVX-512 CPU, to test that path), `avx512`, or unset/`auto` (the best
+the CPU has). Without a usable build every call takes the fallback: a failed build warns once;
+a CPU without the instruction sets is a normal case, reported by `fallback_reason()`.
 
 This module knows the weight formats only; which layer uses which format is `dsv4.ops`'s business.
 """
@@ -31,8 +34,12 @@ import torch
 from ..quant import dequant_fp8_block, dequant_mxfp4
 
 _SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
-_CFLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17"]
+_HEADERS = ("avx512.h", "avx2.h")
+_CFLAGS = ["-O3", "-fopenmp", "-std=c++17"]
 _LDFLAGS = ["-fopenmp"]
+# The flags that pick each build's instruction set (`-march=native` minus AVX-512 for avx2).
+ISA_FLAGS = {"avx512": ["-march=native"], "avx2": ["-march=native", "-mno-avx512f"]}
+_ISA_NEEDS = {"avx512": {"avx512f", "avx512bw", "avx512vl"}, "avx2": {"avx2", "fma", "f16c"}}
 # From this many rows of x on, dequantizing tiles for a GEMM beats expanding codes in registers;
 # keyed by format and GEMM dtype (bf16 when x is bf16, the output is not asked for in fp32, the
 # CPU has bf16 dot products and, for FP8, the scales are e8m0). Single-thread crossovers measured
@@ -48,8 +55,8 @@ PREFILL_ROWS = {
 _FALLBACK_CHUNK = 1 << 24
 
 _lock = threading.Lock()
-_ext = None  # the compiled module once built; False once it is known to be unusable
-_reason = ""  # why the fallback takes every call, once that is known
+_exts: dict[str, object] = {}  # ISA -> the compiled module once built, or False once it failed
+_reasons: dict[str, str] = {}  # ISA -> why its build is unusable
 
 
 def backend() -> str:
@@ -62,64 +69,91 @@ def available() -> bool:
     return _load() is not None
 
 
+def isa() -> str | None:
+    """The instruction set of the compiled kernels in use ("avx512", "avx2"), None on the fallback."""
+    ext = _load()
+    return None if ext is None else ext.isa()
+
+
+def supported_isas() -> list[str]:
+    """The builds this CPU can run, best first (no build is attempted)."""
+    flags = _cpu_flags()
+    ok = [name for name, need in _ISA_NEEDS.items() if need <= flags]
+    if "avx512" in ok and torch.backends.cpu.get_cpu_capability() != "AVX512":
+        ok.remove("avx512")  # torch itself was told not to use AVX-512 (ATEN_CPU_CAPABILITY)
+    return ok
+
+
 def fallback_reason() -> str:
     """Why every call takes the plain-torch fallback ("" when the compiled kernels are in use)."""
-    if os.environ.get("DSV4_KERNELS", "").lower() == "torch":
-        return "DSV4_KERNELS=torch"
-    return "" if available() else _reason
+    choice, reason = _choice()
+    if choice is None:
+        return reason
+    return "" if available() else _reasons.get(choice, "")
 
 
-def _cpu_flags() -> str:
+def _choice() -> tuple[str | None, str]:
+    """The build DSV4_KERNELS and the CPU ask for, or None and why there is none."""
+    want = os.environ.get("DSV4_KERNELS", "").lower() or "auto"
+    if want == "torch":
+        return None, "DSV4_KERNELS=torch"
+    if want not in ("auto", *ISA_FLAGS):
+        return None, f"DSV4_KERNELS={want} is not one of torch, auto, {', '.join(ISA_FLAGS)}"
+    have = supported_isas()
+    if want == "auto":
+        return (have[0], "") if have else (None, "no AVX-512 or AVX2+FMA+F16C on this CPU")
+    return (want, "") if want in have else (None, f"DSV4_KERNELS={want} but this CPU lacks {want.upper()}")
+
+
+def _cpu_flags() -> set[str]:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):
-                return line
+                return set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return platform.processor()
+    return set(platform.processor().lower().split())
 
 
-def _build_dir() -> Path:
+def _build_dir(isa: str) -> Path:
     h = hashlib.sha256()
-    for part in (_SOURCE.read_bytes(), " ".join(_CFLAGS + _LDFLAGS).encode(), torch.__version__.encode()):
-        h.update(part)
-    h.update(_cpu_flags().encode())
-    return Path.home() / ".cache" / "dsv4" / "kernels" / h.hexdigest()[:16]
+    for path in (_SOURCE, *(_SOURCE.with_name(n) for n in _HEADERS)):
+        h.update(path.read_bytes())
+    h.update(" ".join(_CFLAGS + ISA_FLAGS[isa] + _LDFLAGS).encode())
+    h.update(torch.__version__.encode())
+    h.update(" ".join(sorted(_cpu_flags())).encode())
+    return Path.home() / ".cache" / "dsv4" / "kernels" / f"{isa}-{h.hexdigest()[:16]}"
 
 
 def _load():
-    global _ext
-    if os.environ.get("DSV4_KERNELS", "").lower() == "torch":
+    choice, _ = _choice()
+    if choice is None:
         return None
-    if _ext is None:
+    if choice not in _exts:
         with _lock:
-            if _ext is None:
-                _ext = _build() or False
-    return _ext or None
+            if choice not in _exts:
+                _exts[choice] = _build(choice) or False
+    return _exts[choice] or None
 
 
-def _build():
-    global _reason
-    if torch.backends.cpu.get_cpu_capability() != "AVX512" or "avx512bw" not in _cpu_flags():
-        _reason = "no AVX-512 on this CPU"
-        return None
+def _build(isa: str):
     try:
         from torch.utils.cpp_extension import load
 
-        build = _build_dir()
+        build = _build_dir(isa)
         build.mkdir(parents=True, exist_ok=True)
         return load(
-            name="dsv4_cpu_kernels",
+            name=f"dsv4_cpu_kernels_{isa}",
             sources=[str(_SOURCE)],
-            extra_cflags=_CFLAGS,
+            extra_cflags=_CFLAGS + ISA_FLAGS[isa],
             extra_ldflags=_LDFLAGS,
             build_directory=str(build),
             verbose=False,
         )
     except Exception as e:  # no compiler, no ninja, a broken cache: the engine still runs
-        _reason = f"the build failed ({type(e).__name__})"
+        _reasons[isa] = f"the {isa} build failed ({type(e).__name__})"
         warnings.warn(
-            f"dsv4.kernels: building the CPU kernels failed ({type(e).__name__}: {str(e)[:500]}), "
+            f"dsv4.kernels: building the {isa} CPU kernels failed ({type(e).__name__}: {str(e)[:500]}), "
             "using the plain-torch fallback (pip install ninja and a C++ compiler to build them)",
             RuntimeWarning,
             stacklevel=4,
