@@ -45,7 +45,7 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: t
     """
     cfg = ModelConfig.from_file(path)
     ckpt = Checkpoint(path)
-    ckpt.validate(cfg)
+    release = ckpt.validate(cfg)
     device = torch.device(device)
     ram, vram = _ram_budget(max_ram, ckpt, cfg), parse_size(max_vram)
     store = None
@@ -59,7 +59,11 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: t
         from . import kernels
 
         kernels.available()  # build (first use) or load the compiled kernels now, not inside the first prefill
-    model = _build(cfg, ckpt, device, parse_numerics(dtype, numerics), store, progress)
+    model = _build(cfg, ckpt, device, parse_numerics(dtype, numerics), store, progress, release.draft == "mtp")
+    # What the folder is (checkpoint.Release): a DSpark draft's mtp.* tensors were validated but are not
+    # part of the Transformer; the draft builds them from `ckpt` (official names, its stages' experts
+    # through `model.store`) when speculation asks for it.
+    model.release = release
     ckpt.close()  # the header maps and descriptors: weights were copied into memory of their own
     if store is not None:
         _size_ram_tier(store, ram, cfg)
@@ -79,8 +83,7 @@ def _ram_budget(max_ram, ckpt: Checkpoint, cfg: ModelConfig) -> int | None:
     return parse_size(max_ram)
 
 
-def _build(cfg, ckpt, device, numerics, store, progress) -> Transformer:
-    with_mtp = any(n.startswith("mtp.") for n in ckpt.names())
+def _build(cfg, ckpt, device, numerics, store, progress, with_mtp: bool) -> Transformer:
     bar = None
     if progress:
         from tqdm import tqdm
