@@ -471,7 +471,7 @@ def load_share(path: str | Path, comm: Comm, *, device="cpu", dtype=torch.bfloat
     check_same(comm, fingerprint(path, dtype, numerics))
     cfg = ModelConfig.from_file(path)
     mine = share(cfg.n_routed_experts, comm.rank, comm.ranks)
-    model, ckpt = load_model(path, device=device, dtype=dtype, numerics=numerics, share=mine, **kwargs)
+    model, ckpt = load_model(path, device=device, dtype=dtype, numerics=numerics, expert_ids=mine, **kwargs)
     parallelize(model, comm)
     comm.loads += 1
     comm.loaded(comm.loads, float(os.environ.get("DSV4_DIST_LOAD_TIMEOUT", 3600)))
