@@ -127,3 +127,24 @@ def test_torchrun_cli_matches_one_process(tiny_ckpt):
     )  # fmt: skip
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stdout == one.stdout
+
+
+def test_plan_ranks_prints_each_share_and_network_time(tiny_ckpt, capsys):
+    from dsv4.cli import main
+    from dsv4.config import ModelConfig
+    from dsv4.plan import Link, exchange_bytes, network_seconds_per_token
+
+    cfg = ModelConfig.from_file(tiny_ckpt("flash").path)
+    sent, got = exchange_bytes(cfg)
+    assert sent == 24 + 12 * cfg.n_activated_experts + 8 + 2 * cfg.dim and got == 4 * cfg.dim
+    slow, fast = Link(100e-6, 10e9 / 8), Link(100e-6, 25e9 / 8)
+    assert network_seconds_per_token(cfg, 1, slow) == 0.0
+    assert network_seconds_per_token(cfg, 4, slow) > network_seconds_per_token(cfg, 2, slow)
+    assert network_seconds_per_token(cfg, 2, fast) < network_seconds_per_token(cfg, 2, slow)
+    assert network_seconds_per_token(cfg, 2, Link(100e-6, 1e30)) == pytest.approx(cfg.n_layers * 3 * 100e-6)
+    assert main(["plan", "--model", str(tiny_ckpt("flash").path), "--ranks", "3", "--link-gbps", "25"]) == 0
+    out = capsys.readouterr().out
+    n = cfg.n_routed_experts
+    for r in range(3):
+        assert f"| {r} | {len(share(n, r, 3))} of {n} |" in out
+    assert "25.0 Gbit/s" in out and "network" in out and "over 3 ranks" in out
