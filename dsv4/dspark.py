@@ -47,14 +47,24 @@ class Proposal:
 class DSparkDraft(nn.Module):
     """The draft's stages and heads; embedding and head are the target's (passed to `propose`)."""
 
-    def __init__(self, cfg: ModelConfig, src: WeightSource, numerics: Numerics, stages: int, expert_provider=None):
+    def __init__(
+        self, cfg: ModelConfig, src: WeightSource, numerics: Numerics, stages: int, expert_provider=None
+    ):
         super().__init__()
         dt = numerics.dtype
         self.main_proj = Linear(src.weight("mtp.0.main_proj", dt))  # [D, L*D]
         self.main_norm = _param(src.tensor("mtp.0.main_norm.weight"), torch.float32)
         self.stages = nn.ModuleList(
-            Block(cfg, src, f"mtp.{s}", 0, False, False, numerics,
-                  expert_provider(f"mtp.{s}.ffn.experts") if expert_provider else None)  # fmt: skip
+            Block(
+                cfg,
+                src,
+                f"mtp.{s}",
+                0,
+                False,
+                False,
+                numerics,
+                expert_provider(f"mtp.{s}.ffn.experts") if expert_provider else None,
+            )  # fmt: skip
             for s in range(stages)
         )
         last = f"mtp.{stages - 1}"
@@ -62,7 +72,9 @@ class DSparkDraft(nn.Module):
         self.norm = _param(src.tensor(f"{last}.norm.weight"), torch.float32)
         self.markov_w1 = _param(src.tensor(f"{last}.markov_head.markov_w1.weight"), dt)  # [V, r]
         self.markov_w2 = _param(src.tensor(f"{last}.markov_head.markov_w2.weight"), dt)  # [V, r]
-        self.confidence = _param(src.tensor(f"{last}.confidence_head.proj.weight"), torch.float32)  # [1, D + r]
+        self.confidence = _param(
+            src.tensor(f"{last}.confidence_head.proj.weight"), torch.float32
+        )  # [1, D + r]
         self.target_layer_ids = tuple(cfg.dspark_target_layer_ids)
         self.block_size, self.noise = cfg.dspark_block_size, cfg.dspark_noise_token_id
         self.window, self.hc_mult, self.eps, self.dtype = cfg.window_size, cfg.hc_mult, cfg.norm_eps, dt
@@ -70,7 +82,10 @@ class DSparkDraft(nn.Module):
     def new_states(self, device, max_rollback: int) -> list[LayerState]:
         """One context ring per stage: the W latest committed positions, plus room to roll back."""
         hd = self.stages[0].attn.hd
-        return [LayerState(Ring(self.window + max_rollback, hd, self.dtype, device), self.window) for _ in self.stages]
+        return [
+            LayerState(Ring(self.window + max_rollback, hd, self.dtype, device), self.window)
+            for _ in self.stages
+        ]
 
     # ---- context ----
 

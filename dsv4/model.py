@@ -525,6 +525,8 @@ class Transformer(nn.Module):
             for j in range(cfg.n_mtp_layers if with_mtp else 0)
         )
         self.dspark = None  # the 0731-style DSpark draft (dsv4/dspark.py), when the checkpoint has one
+        if not dspark_stages and getattr(cfg, "dspark", False) and hasattr(src, "names"):
+            dspark_stages = len({n.split(".")[1] for n in src.names() if n.startswith("mtp.")})
         if dspark_stages:
             from .dspark import DSparkDraft  # the draft is built from this module's blocks
 

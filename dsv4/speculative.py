@@ -23,6 +23,7 @@ token before the draft) stays in the state, and its streams feed the next draft.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from functools import partial
 
 import torch
 
@@ -34,6 +35,11 @@ def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     r = (p - q).clamp(min=0)
     total = float(r.sum())
     return r / total if total > 0 else p
+
+
+def accept_probability(p: torch.Tensor, q: torch.Tensor, d: int) -> float:
+    """The chance to keep a draft d drawn from q when the target's distribution is p: min(1, p(d)/q(d))."""
+    return min(1.0, float(p[d] / q[d]))
 
 
 @torch.inference_mode()
@@ -58,14 +64,8 @@ def dspark_events(engine, seq: Sequence) -> Iterator[Event]:
     ev = seq.append(tok, last)
     yield ev
     while ev.finish_reason is None:
-        qs: list[torch.Tensor] = []
-
-        def pick(row: torch.Tensor) -> int:
-            q = sampler.probs(row)
-            qs.append(q)
-            return int(q.argmax()) if greedy else sampler.draw(q)
-
-        drafts = model.dspark_draft(state, tok, pick).tokens
+        qs: list[torch.Tensor] = []  # the distribution each draft was drawn from
+        drafts = model.dspark_draft(state, tok, partial(_pick, sampler, qs)).tokens
         logits = engine.step([[tok, *drafts]], [state], all_logits=True)[0]  # [B + 1, V]: row i checks d_i
         seq.stats.draft_tokens += b
         seq.stats.draft_rounds += 1
@@ -75,7 +75,7 @@ def dspark_events(engine, seq: Sequence) -> Iterator[Event]:
             if greedy:
                 ok = int(p.argmax()) == d
             else:
-                ok = sampler.uniform() < min(1.0, float(p[d] / qs[i][d]))
+                ok = sampler.uniform() < accept_probability(p, qs[i], d)
             if not ok:
                 new = int(p.argmax()) if greedy else sampler.draw(residual(p, qs[i]))
                 break
@@ -94,6 +94,13 @@ def dspark_events(engine, seq: Sequence) -> Iterator[Event]:
         ev = seq.append(new, logits[kept])
         yield ev
         tok = new
+
+
+def _pick(sampler, qs: list[torch.Tensor], row: torch.Tensor) -> int:
+    """Choose a draft from its logits row as the sampler would (argmax when greedy); remember q."""
+    q = sampler.probs(row)
+    qs.append(q)
+    return int(q.argmax()) if sampler.params.greedy else sampler.draw(q)
 
 
 def mtp_events(engine, seq: Sequence) -> Iterator[Event]:
@@ -121,7 +128,7 @@ def mtp_events(engine, seq: Sequence) -> Iterator[Event]:
         if sampler.params.greedy:
             keep = int(p.argmax()) == d
         else:
-            keep = sampler.uniform() < min(1.0, float(p[d] / q[d]))
+            keep = sampler.uniform() < accept_probability(p, q, d)
         if keep:
             seq.stats.accepted_tokens += 1
             ev = seq.append(d, logits[0])
