@@ -4,11 +4,11 @@ import pytest
 import torch
 from conftest import token_ids
 
-release_writer = pytest.importorskip("release_writer")  # the 0731-layout writer (tests/release_writer.py)
-
 import dsv4
 from dsv4.dspark import Proposal
 from dsv4.speculative import accept_probability, residual
+
+release_writer = pytest.importorskip("release_writer")  # the 0731-layout writer (tests/release_writer.py)
 
 
 @pytest.fixture(scope="module")
