@@ -10,6 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..cli import add_prompt_cache_flags
 from . import add_serve_parser
 
 
@@ -23,6 +24,7 @@ def _common() -> argparse.ArgumentParser:
     g.add_argument("--max-ram", default="auto", help="RAM budget for routed experts (12G, auto, none)")
     g.add_argument("--max-vram", default=None, help="GPU memory budget for the expert cache")
     g.add_argument("--cache-policy", default="lfu", choices=["lfu", "lru"], help="expert cache policy")
+    add_prompt_cache_flags(common)
     g = common.add_argument_group("sampling defaults")
     g.add_argument("--max-tokens", type=int, default=None)
     g.add_argument("--temperature", type=float, default=None)
