@@ -102,7 +102,7 @@ def _stats_line(result) -> str:
     line = (f"[{st.prompt_tokens} prompt tokens, {st.generated_tokens} generated; prefill {st.prefill_tps:.1f} tok/s, "
             f"decode {st.decode_tps:.1f} tok/s; finish: {result.finish_reason}")  # fmt: skip
     if st.acceptance_rate is not None:
-        line += f"; MTP acceptance {st.acceptance_rate:.0%}"
+        line += f"; draft acceptance {st.acceptance_rate:.0%}, mean accepted length {st.mean_accepted_length:.2f}"
     return line + "]"
 
 
@@ -245,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--repetition-penalty", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    g.add_argument("--speculative", action="store_true", help="MTP speculative decoding (one sequence)")
+    g.add_argument("--speculative", action="store_true", help="speculative decoding with the checkpoint's draft: DSpark (0731-style releases) or MTP (preview); one sequence")
 
     sp = sub.add_parser("run", parents=[common], help="generate from a prompt, streaming the text")
     sp.add_argument("prompt", nargs="?", help="prompt text (default: read stdin)")

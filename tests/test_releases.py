@@ -134,3 +134,12 @@ def test_stage_count_against_config(tmp_path):
     write_release(path, raw, stages=3)
     with pytest.raises(CheckpointError, match=r"compress_ratios list 4 draft stages.*holds 3"):
         dsv4.load(path)
+
+
+def test_inspect_names_the_release(release_0731):
+    from dsv4.inspect import render
+
+    path, raw, _ = release_0731
+    text = render(Checkpoint(path), ModelConfig.from_dict(raw))
+    assert "release      V4 0731-style (3-stage DSpark draft); chat format 0731" in text
+    assert "(+ DSpark draft " in text
