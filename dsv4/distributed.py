@@ -366,24 +366,26 @@ def ops_shared(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     return ops.expert_mlp(x, *moe.shared.weights(), moe.limit).float()
 
 
+def _blocks(model: Transformer) -> list:
+    """Every block with a MoE, in exchange-index order: the layers, the MTP layers, the DSpark stages."""
+    blocks = list(model.layers) + [m.block for m in model.mtp]
+    dspark = getattr(model, "dspark", None)
+    return blocks + (list(dspark.stages) if dspark is not None else [])
+
+
 def parallelize(model: Transformer, comm: Comm) -> list[ParallelMoE]:
-    """Replace every MoE (the MTP layers' too) by its expert-parallel form; returns them by index."""
+    """Replace every MoE (the MTP layers' and DSpark stages' too) by its expert-parallel form."""
     cfg = model.cfg
     comm.layout = (cfg.dim, cfg.n_activated_experts, model.numerics.dtype)
-    layers = []
-    for i, layer in enumerate(model.layers):
-        layer.ffn = ParallelMoE(layer.ffn, comm, i)
-        layers.append(layer.ffn)
-    for j, m in enumerate(model.mtp):
-        m.block.ffn = ParallelMoE(m.block.ffn, comm, cfg.n_layers + j)
-        layers.append(m.block.ffn)
+    for i, block in enumerate(_blocks(model)):
+        block.ffn = ParallelMoE(block.ffn, comm, i)
     model.comm = comm
-    return layers
+    return [block.ffn for block in _blocks(model)]
 
 
 def follow(model: Transformer, comm: Comm) -> None:
     """A follower's loop: serve rank 0's MoE exchanges until it says STOP."""
-    layers = [layer.ffn for layer in model.layers] + [m.block.ffn for m in model.mtp]
+    layers = [block.ffn for block in _blocks(model)]
     n_main = len(model.layers)
     with torch.inference_mode():
         while True:
