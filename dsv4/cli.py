@@ -32,7 +32,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     model = _model_dir(args)
     cfg, ckpt = ModelConfig.from_file(model), Checkpoint(model)
-    print(render(make_plan(ckpt, cfg, parse_size(args.ram), parse_size(args.vram)), ckpt, cfg))
+    plan = make_plan(ckpt, cfg, parse_size(args.ram), parse_size(args.vram))
+    print(render(plan, ckpt, cfg))
+    if args.ranks > 1:
+        from .plan import Link, render_ranks
+
+        print(render_ranks(plan, cfg, args.ranks, Link(args.link_latency * 1e-6, args.link_gbps * 1e9 / 8)))
     return 0
 
 
@@ -264,6 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--model", type=Path, default=None, help="checkpoint folder (default: the bundled demo model)")
     sp.add_argument("--ram", default=None, help="RAM budget (default: the available memory)")
     sp.add_argument("--vram", default=None, help="GPU memory budget")
+    sp.add_argument("--ranks", type=int, default=1, help="machines (torchrun ranks) sharing the experts; --ram is per rank")
+    sp.add_argument("--link-latency", type=float, default=50.0, help="one-way network latency in us (default 50)")
+    sp.add_argument("--link-gbps", type=float, default=10.0, help="network bandwidth in Gbit/s (default 10)")
     sp.set_defaults(fn=cmd_plan)
 
     from .server import add_serve_parser

@@ -136,6 +136,9 @@ class Engine:
         store = getattr(self.model, "store", None)
         if store is not None:
             out["expert_cache"] = {**store.stats.as_dict(), "used_bytes": store.used_bytes, "budget_bytes": store.budget_bytes}
+        comm = getattr(self.model, "comm", None)
+        if comm is not None:
+            out["distributed"] = {"ranks": comm.ranks, **comm.stats.as_dict()}
         return out
 
     def new_state(self) -> SeqState:
@@ -210,6 +213,10 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.d
     dtype is the compute dtype (bf16 default, fp32 for checks); numerics 'exact' computes what
     transformers computes, 'released' adds the official FP8 KV / FP4 indexer roundings.
     """
+    from . import distributed
+
+    if distributed.launched():  # under torchrun: experts split across ranks; only rank 0 returns
+        return distributed.load(path, device=device, dtype=dtype, numerics=numerics, **kwargs)
     from .loader import load_model
 
     model, ckpt = load_model(path, device=device, dtype=dtype, numerics=numerics, **kwargs)

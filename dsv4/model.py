@@ -382,14 +382,14 @@ class Expert(nn.Module):
 
 
 class ResidentExperts(nn.Module):
-    """The simplest expert provider: every routed expert of a layer held in memory."""
+    """The simplest expert provider: a layer's routed experts held in memory (all, or the `ids` given)."""
 
-    def __init__(self, src: WeightSource, prefix: str, n: int, dtype: torch.dtype):
+    def __init__(self, src: WeightSource, prefix: str, n: int, dtype: torch.dtype, ids: list[int] | None = None):
         super().__init__()
-        self.experts = nn.ModuleList(Expert(src, f"{prefix}.{e}", dtype) for e in range(n))
+        self.experts = nn.ModuleDict({str(e): Expert(src, f"{prefix}.{e}", dtype) for e in (ids if ids is not None else range(n))})
 
     def get(self, ids: list[int]) -> dict[int, tuple[Weight, Weight, Weight]]:
-        return {e: self.experts[e].weights() for e in ids}
+        return {e: self.experts[str(e)].weights() for e in ids}
 
 
 class MoE(nn.Module):
@@ -436,7 +436,12 @@ class MoE(nn.Module):
         if prefetch_next is not None:  # start reading the next layer's likely experts while this one computes
             prefetch_next(x, tokens, used)
         y = ops.expert_mlp(x, *self.shared.weights(), self.limit).float()
-        group = getattr(self.experts, "group", None) or len(used)  # a store bounds how many it hands out at once
+        return self.add_routed(y, x, weights, ids, used).to(x.dtype)
+
+    def add_routed(self, y: torch.Tensor, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+                   used: list[int]) -> torch.Tensor:  # fmt: skip
+        """y [T, D] fp32 plus the routed experts `used`' contributions (x [T, D], weights/ids [T, K])."""
+        group = getattr(self.experts, "group", None) or max(len(used), 1)  # a store bounds how many it hands out at once
         for i in range(0, len(used), group):
             chunk = used[i : i + group]
             got = self.experts.get(chunk)
@@ -446,7 +451,7 @@ class MoE(nn.Module):
                 out = ops.expert_mlp(x[rows], w1, w2, w3, self.limit, weights[rows, slot, None])
                 y = y.index_add(0, rows, out.float())
             del got
-        return y.to(x.dtype)
+        return y
 
 
 class Block(nn.Module):
