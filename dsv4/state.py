@@ -145,13 +145,16 @@ class LayerState:
         return out
 
     def load(self, pos: int, d: dict[str, torch.Tensor], where: str, room: int = 0) -> None:
-        want = self.live(pos, room)
+        want = {k: t.shape for k, t in self.live(pos, room).items()}
+        for k, c in self.compressors():  # a fresh entry buffer is shorter than what it will hold
+            want[f"{k}.entries"] = torch.Size((pos // c.ratio, c.entries.buf.shape[1]))
+        dtypes = {k: t.dtype for k, t in self.live(pos, room).items()}
         if set(d) != set(want):
             raise ValueError(f"{where}: state tensors {sorted(d)}, expected {sorted(want)}")
         for k, t in d.items():
-            if t.shape != want[k].shape or t.dtype != want[k].dtype:
+            if t.shape != want[k] or t.dtype != dtypes[k]:
                 raise ValueError(f"{where}.{k}: shape {tuple(t.shape)} {t.dtype}, expected "
-                                 f"{tuple(want[k].shape)} {want[k].dtype}")  # fmt: skip
+                                 f"{tuple(want[k])} {dtypes[k]}")  # fmt: skip
         dev = self.window.buf.device
         self.window.write(max(pos - room - self.span, 0), d["window"].to(dev))
         for k, c in self.compressors():

@@ -63,8 +63,13 @@ def test_accepted_drafts_are_kept_and_the_state_forgets_the_rest(engine, monkeyp
     _, fresh = engine.prefill(committed)
     got, want = state.tensors(), fresh.tensors()
     assert set(got) == set(want) and any(k.startswith("mtp.2.") for k in got)
-    for k in want:
-        assert torch.allclose(got[k].float(), want[k].float(), atol=1e-4, rtol=1e-4), k
+    for k in set(want) - {"room"}:  # how far each may still roll back differs, not what they hold
+        a, b = got[k].float(), want[k].float()
+        n = min(a.shape[0], b.shape[0]) if a.dim() else None  # rows end at pos; rollback room adds older ones
+        if n is not None:
+            a, b = a[a.shape[0] - n :], b[b.shape[0] - n :]
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4), k
+        assert not (k.startswith("mtp.") and n == 0), k  # the draft's rings hold the committed positions
 
 
 def test_chunked_prefill_fills_the_rings_like_one_prefill(engine):
