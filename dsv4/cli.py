@@ -51,12 +51,28 @@ def cmd_tiny(args: argparse.Namespace) -> int:
 OFFICIAL_VOCAB = 129280
 
 
+def add_prompt_cache_flags(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("prompt cache")
+    g.add_argument("--prompt-cache", type=Path, default=None, metavar="DIR",
+                   help="keep prompt state snapshots in DIR, reused across requests and restarts")  # fmt: skip
+    g.add_argument("--prompt-cache-size", default="8G",
+                   help="disk cap of --prompt-cache DIR; least recently used files go first (default: 8G)")  # fmt: skip
+
+
 def _load(args: argparse.Namespace):
     import dsv4
 
     return dsv4.load(model_dir(args.model), device=args.device, dtype=args.dtype, numerics=args.numerics,
                      max_ram=args.max_ram, max_vram=args.max_vram, cache_policy=args.cache_policy,
-                     progress=sys.stderr.isatty())  # fmt: skip
+                     progress=sys.stderr.isatty(), prompt_cache=args.prompt_cache is not None)  # fmt: skip
+
+
+def _prompt_cache(args: argparse.Namespace, engine):
+    if args.prompt_cache is None:
+        return None
+    from .prefix_cache import for_engine
+
+    return for_engine(engine, disk_dir=args.prompt_cache, disk=args.prompt_cache_size)
 
 
 def _sampling(args: argparse.Namespace) -> dict:
@@ -88,13 +104,24 @@ def cmd_run(args: argparse.Namespace) -> int:
     request = [{"role": "user", "content": prompt}] if chat else prompt
     if not chat:
         print(prompt, end="", flush=True)
+    cache, state, reused = _prompt_cache(args, engine), None, 0
+    if cache is not None:
+        from .prefix_cache import prefill
+
+        request = engine.encode(request, thinking_mode=mode)
+        state, reused = prefill(engine, cache, request)
     try:
-        for ev in engine.stream(request, thinking_mode=mode, speculative=args.speculative, **_sampling(args)):
+        for ev in engine.stream(request, thinking_mode=mode, speculative=args.speculative, state=state,
+                                reused=reused, **_sampling(args)):  # fmt: skip
             print(ev.text, end="", flush=True)
     except KeyboardInterrupt:
         print("\n[stopped]", file=sys.stderr)
         return 130
     print()
+    if cache is not None:
+        seq = engine.last_sequence
+        cache.insert((seq.prompt_ids + seq.output)[: seq.state.pos], seq.state)
+        cache.flush()
     if not args.quiet:
         print(_stats_line(engine.last_sequence.result()), file=sys.stderr)
     return 0
@@ -112,7 +139,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from .session import ChatSession
 
     engine = _load(args)
-    session = ChatSession(engine, thinking_mode="thinking" if args.think else "chat", system=args.system)
+    session = ChatSession(engine, thinking_mode="thinking" if args.think else "chat", system=args.system,
+                          prefix_cache=_prompt_cache(args, engine))  # fmt: skip
+    if args.resume is not None:
+        session.load(args.resume)
+        print(f"[resumed {len(session.messages)} messages from {args.resume}]")
     params = _sampling(args)
     print("dsv4 chat: type a message, /help for commands, Ctrl-D to leave.", flush=True)
     while True:
@@ -120,6 +151,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             line = input(">>> ")
         except EOFError:
             print()
+            session.close()
             return 0
         except KeyboardInterrupt:
             print()
@@ -129,6 +161,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             continue
         if line.startswith("/"):
             if _chat_command(session, line):
+                session.close()
                 return 0
             continue
         try:
@@ -188,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-vram", default=None, help="GPU memory budget for the expert cache (CUDA only)")
     g.add_argument("--cache-policy", default="lfu", choices=["lfu", "lru"],
                    help="which cached experts make room for new ones (default: lfu, frequency with aging)")  # fmt: skip
+    add_prompt_cache_flags(common)
 
     sp = sub.add_parser("run", parents=[common], help="generate from a prompt, streaming the text")
     sp.add_argument("prompt", nargs="?", help="prompt text (default: read stdin)")
@@ -204,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("chat", parents=[common], help="interactive chat (/help inside for commands)")
     sp.add_argument("--think", action="store_true", help="start in thinking mode")
     sp.add_argument("--system", default=None, help="system prompt")
+    sp.add_argument("--resume", type=Path, default=None, metavar="FILE",
+                    help="continue a conversation saved with /save (with --prompt-cache, without prefilling it again)")  # fmt: skip
     _sampling_flags(sp)
     sp.set_defaults(fn=cmd_chat)
 

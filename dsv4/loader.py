@@ -15,6 +15,7 @@ from .config import ModelConfig
 from .experts import ExpertStore, attach
 from .memory import available_bytes, parse_size, rss_bytes
 from .model import Numerics, Transformer
+from .prefix_cache import ram_share
 
 NUMERICS = ("exact", "released")
 DEMO_DIR = Path(__file__).parent / "demo"  # the bundled tiny model that `dsv4 run/chat/serve` use by default
@@ -45,19 +46,23 @@ def parse_numerics(dtype: torch.dtype | str, numerics: str) -> Numerics:
 
 def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | str = torch.bfloat16,
                numerics: str = "exact", max_ram: str | int | None = None, max_vram: str | int | None = None,
-               cache_policy: str = "lfu", progress: bool = False) -> tuple[Transformer, Checkpoint]:  # fmt: skip
+               cache_policy: str = "lfu", progress: bool = False,
+               prompt_cache: bool = False) -> tuple[Transformer, Checkpoint]:  # fmt: skip
     """Validate the checkpoint against its config, then build the model on `device`.
 
     Without budgets every routed expert is loaded into memory. With `max_ram` (bytes or "12G") the
     experts are served by an `ExpertStore`: whatever the dense weights, KV and runtime leave of the
     budget caches experts, the rest is read from the checkpoint files on demand. `max_vram` adds a
     GPU-memory tier in front when `device` is CUDA. progress=True draws a bar (stderr) over the layers.
+    prompt_cache=True sets `prefix_cache.ram_share` of the budget aside for prompt snapshots
+    (`model.prompt_cache_bytes`) before the expert cache is sized.
     """
     cfg = ModelConfig.from_file(path)
     ckpt = Checkpoint(path)
     ckpt.validate(cfg)
     device = torch.device(device)
     ram, vram = _ram_budget(max_ram, ckpt, cfg), parse_size(max_vram)
+    share = ram_share(ram, available_bytes()) if prompt_cache else 0
     store = None
     if ram is not None or vram is not None:
         store = ExpertStore(
@@ -72,9 +77,10 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: t
     model = _build(cfg, ckpt, device, parse_numerics(dtype, numerics), store, progress)
     ckpt.close()  # the header maps and descriptors: weights were copied into memory of their own
     if store is not None:
-        _size_ram_tier(store, ram, cfg)
+        _size_ram_tier(store, None if ram is None else ram - share, cfg)
         attach(model, store)
     model.store = store
+    model.prompt_cache_bytes = share if prompt_cache else None
     return model, ckpt
 
 

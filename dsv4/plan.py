@@ -18,6 +18,7 @@ from .checkpoint import Checkpoint
 from .config import ModelConfig
 from .inspect import human, summarize
 from .memory import available_bytes
+from .prefix_cache import RAM_SHARE, RAM_SHARE_MAX, ram_share
 
 
 @dataclass
@@ -29,6 +30,7 @@ class Plan:
     ram_budget: int | None
     vram_budget: int | None
     cache_bytes: int  # routed experts that fit in RAM (and VRAM)
+    prompt_cache_bytes: int  # prompt snapshots (the server's prefix cache): prefix_cache.ram_share
     ram_gbs: float
     disk_gbs: float
 
@@ -90,10 +92,11 @@ def make_plan(ckpt: Checkpoint, cfg: ModelConfig, ram: int | None = None, vram: 
     per_token = s.expert_bytes * cfg.n_activated_experts // max(cfg.n_routed_experts, 1)
     head = ckpt.nbytes("head.weight")
     budget = ram if ram is not None else available_bytes()
-    cache = max(0, budget - s.dense_bytes - runtime_bytes) + (vram or 0)
+    prompts = ram_share(ram, available_bytes())
+    cache = max(0, budget - s.dense_bytes - runtime_bytes - prompts) + (vram or 0)
     # the embedding is read one row per token, not whole
     dense_read = s.dense_bytes - ckpt.nbytes("embed.weight")
-    return Plan(dense_read, s.expert_bytes, per_token, head, ram, vram, min(cache, s.expert_bytes),
+    return Plan(dense_read, s.expert_bytes, per_token, head, ram, vram, min(cache, s.expert_bytes), prompts,
                 measure_ram_gbs(), measure_disk_gbs(ckpt))  # fmt: skip
 
 
@@ -102,6 +105,7 @@ def render(plan: Plan, ckpt: Checkpoint, cfg: ModelConfig) -> str:
         ("dense weights (attention, shared experts, router, mHC, norms, head)", "RAM", plan.dense_bytes),
         ("routed experts cached", "VRAM + RAM" if plan.vram_budget else "RAM", plan.cache_bytes),
         ("routed experts read on demand", "disk (checkpoint shards)", plan.expert_bytes - plan.cache_bytes),
+        ("prompt snapshots (prefix cache of serve, or with --prompt-cache)", "RAM", plan.prompt_cache_bytes),
     ]
     out = [f"plan for {ckpt.path} ({cfg.n_layers} layers, {cfg.n_routed_experts} experts x {cfg.n_activated_experts} active)",
            f"budget: RAM {human(plan.ram_budget) if plan.ram_budget else 'all available'}"
@@ -114,5 +118,7 @@ def render(plan: Plan, ckpt: Checkpoint, cfg: ModelConfig) -> str:
         f"per token: {human(plan.dense_bytes)} dense + {human(plan.expert_bytes_per_token)} of experts, "
         f"expected cache hit rate >= {plan.hit_rate:.0%} (uniform routing)",
         f"bandwidth-bound decode: {plan.tokens_per_second:.2f} tokens/s",
+        f"RAM rule: the prefix cache holds 1/{RAM_SHARE} of the budget (at most {human(RAM_SHARE_MAX)}), "
+        "the expert cache what the dense weights, runtime and prefix cache leave",
     ]
     return "\n".join(out)

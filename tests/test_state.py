@@ -195,3 +195,23 @@ def test_loading_mismatched_state_tensors_is_a_clear_error(engine, tiny_ckpt):
     other = dsv4.load(tiny_ckpt("flash").path, dtype=torch.float32)
     with pytest.raises(ValueError, match="expected"):
         other.new_state().load_tensors(saved)
+
+
+@pytest.mark.parametrize("at,back", [(17, 1), (16, 3), (33, 8), (8, 8), (63, 2)])
+def test_saved_tensors_keep_the_rollback_room(engine, at, back):
+    """A state loaded from `tensors()` can still forget its last tokens (a prefix cache restores a
+    prompt's snapshot and rolls back to where a new prompt diverges)."""
+    ids = token_ids(80, engine.config.vocab_size, seed=at + back)
+    want = engine.logits(ids)[at - back :]
+    state = engine.new_state()
+    _continue(engine, state, ids[:at])
+    saved = state.tensors()
+    assert int(saved["room"]) == min(at, state.max_rollback)
+    fresh = engine.new_state()
+    fresh.load_tensors(saved)
+    fresh.rollback(back)
+    assert fresh.pos == at - back
+    assert_same(engine, _continue(engine, fresh, ids[at - back :]), want)
+    bad = {**saved, "room": torch.tensor(at + 1)}
+    with pytest.raises(ValueError, match="room"):
+        engine.new_state().load_tensors(bad)

@@ -37,6 +37,9 @@ def add_serve_parser(subparsers, common_parent: argparse.ArgumentParser) -> argp
     g.add_argument(
         "--max-body-bytes", type=int, default=4 << 20, help="largest request body (default: 4 MiB)"
     )
+    g.add_argument("--prompt-cache-ram", default="auto",
+                   help="RAM for prompt snapshots reused across requests; 0 turns the prefix cache off "
+                        "(default: auto, 1/16 of --max-ram or of the free memory, at most 4G)")  # fmt: skip
     g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     sp.set_defaults(fn=serve)
     return sp
@@ -57,6 +60,7 @@ def serve(args: argparse.Namespace) -> int:
     import dsv4
 
     from ..loader import model_dir
+    from ..prefix_cache import for_engine
     from .app import create_app
 
     for flag in ("max_running", "max_queue", "max_step_tokens", "max_body_bytes"):
@@ -66,16 +70,22 @@ def serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-tokens must be positive, got {args.max_tokens}")
     path = model_dir(args.model)
     budgets = {k: getattr(args, k) for k in ("max_ram", "max_vram", "cache_policy") if getattr(args, k, None) is not None}
-    engine = dsv4.load(path, device=args.device, dtype=args.dtype, numerics=args.numerics, **budgets)
+    engine = dsv4.load(path, device=args.device, dtype=args.dtype, numerics=args.numerics, prompt_cache=True,
+                       **budgets)  # fmt: skip
+    cache = for_engine(engine, disk_dir=getattr(args, "prompt_cache", None), ram=args.prompt_cache_ram,
+                       disk=getattr(args, "prompt_cache_size", None))  # fmt: skip
     name = args.model_name or path.resolve().name
     app = create_app(engine, model_name=name, api_key=args.api_key, max_queue=args.max_queue,
                      max_running=args.max_running, max_body_bytes=args.max_body_bytes,
                      max_context=args.max_context, max_step_tokens=args.max_step_tokens,
-                     default_max_tokens=args.max_tokens, sampling_defaults=_sampling_defaults(args))  # fmt: skip
+                     default_max_tokens=args.max_tokens, sampling_defaults=_sampling_defaults(args),
+                     prefix_cache=cache)  # fmt: skip
     print(f"dsv4 serve: {name} on http://{args.host}:{args.port}/ (API at /v1, metrics at /metrics)",
           file=sys.stderr, flush=True)  # fmt: skip
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     finally:
         app.state.server.worker.close()
+        if cache is not None:
+            cache.flush(timeout=30)  # snapshots still being written
     return 0
