@@ -34,7 +34,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     model = model_dir(args.model)
     cfg, ckpt = ModelConfig.from_file(model), Checkpoint(model)
-    print(render(make_plan(ckpt, cfg, parse_size(args.ram), parse_size(args.vram)), ckpt, cfg))
+    plan = make_plan(ckpt, cfg, parse_size(args.ram), parse_size(args.vram))
+    print(render(plan, ckpt, cfg))
+    if args.ranks > 1:
+        from .plan import Link, render_ranks
+
+        print(render_ranks(plan, cfg, args.ranks, Link(args.link_latency * 1e-6, args.link_gbps * 1e9 / 8)))
     return 0
 
 
@@ -90,7 +95,7 @@ def _stats_line(result) -> str:
     line = (f"[{st.prompt_tokens} prompt tokens, {st.generated_tokens} generated; prefill {st.prefill_tps:.1f} tok/s, "
             f"decode {st.decode_tps:.1f} tok/s; finish: {result.finish_reason}")  # fmt: skip
     if st.acceptance_rate is not None:
-        line += f"; MTP acceptance {st.acceptance_rate:.0%}"
+        line += f"; draft acceptance {st.acceptance_rate:.0%}, mean accepted length {st.mean_accepted_length:.2f}"
     return line + "]"
 
 
@@ -247,6 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--model", type=Path, default=None, help="checkpoint folder (default: the bundled demo model)")
     sp.add_argument("--ram", default=None, help="RAM budget (default: the available memory)")
     sp.add_argument("--vram", default=None, help="GPU memory budget")
+    sp.add_argument("--ranks", type=int, default=1, help="machines (torchrun ranks) sharing the experts; --ram is per rank")
+    sp.add_argument("--link-latency", type=float, default=50.0, help="one-way network latency in us (default 50)")
+    sp.add_argument("--link-gbps", type=float, default=10.0, help="network bandwidth in Gbit/s (default 10)")
     sp.set_defaults(fn=cmd_plan)
 
     from .server import add_serve_parser
@@ -283,7 +291,9 @@ def _sampling_flags(sp: argparse.ArgumentParser, server: bool = False) -> None:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     if not server:
-        g.add_argument("--speculative", action="store_true", help="MTP speculative decoding (one sequence)")
+        g.add_argument("--speculative", action="store_true",
+                       help="speculative decoding with the checkpoint's draft: DSpark (0731-style releases) or "
+                            "MTP (preview); one sequence")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

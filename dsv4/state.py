@@ -175,8 +175,8 @@ class SeqState:
         return self.layers + self.mtp
 
     def advance(self, n: int) -> None:
-        """Commit the staged writes of a step of n tokens."""
-        for ls in self.layers:
+        """Commit the staged writes of a step of n tokens (a DSpark draft's context rings included)."""
+        for ls in self._all():
             ls.commit()
         self.pos += n
         self.room = min(self.max_rollback, self.room + n)

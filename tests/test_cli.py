@@ -65,6 +65,7 @@ def test_inspect(tiny_ckpt):
     r = run("inspect", "--model", tiny_ckpt("flash").path)
     assert r.returncode == 0
     assert "4 layers" in r.stdout and "MXFP4" in r.stdout and "active per token" in r.stdout and "[SCHC]" in r.stdout
+    assert "release      V4 preview (MTP draft); chat format preview" in r.stdout
 
 
 def test_chat_in_a_terminal(tiny_ckpt, tmp_path):
