@@ -10,6 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from .loader import model_dir
+
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .checkpoint import Checkpoint
@@ -30,7 +32,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from .memory import parse_size
     from .plan import make_plan, render
 
-    model = _model_dir(args)
+    model = model_dir(args.model)
     cfg, ckpt = ModelConfig.from_file(model), Checkpoint(model)
     plan = make_plan(ckpt, cfg, parse_size(args.ram), parse_size(args.vram))
     print(render(plan, ckpt, cfg))
@@ -51,16 +53,7 @@ def cmd_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
-DEMO_DIR = Path(__file__).parent / "demo"
 OFFICIAL_VOCAB = 129280
-
-
-def _model_dir(args: argparse.Namespace) -> Path:
-    if args.model is not None:
-        return args.model
-    if (DEMO_DIR / "config.json").exists():
-        return DEMO_DIR
-    raise FileNotFoundError("no --model given and no bundled demo model in this install: pass --model DIR")
 
 
 def add_prompt_cache_flags(parser: argparse.ArgumentParser) -> None:
@@ -74,7 +67,7 @@ def add_prompt_cache_flags(parser: argparse.ArgumentParser) -> None:
 def _load(args: argparse.Namespace):
     import dsv4
 
-    return dsv4.load(_model_dir(args), device=args.device, dtype=args.dtype, numerics=args.numerics,
+    return dsv4.load(model_dir(args.model), device=args.device, dtype=args.dtype, numerics=args.numerics,
                      max_ram=args.max_ram, max_vram=args.max_vram, cache_policy=args.cache_policy,
                      progress=sys.stderr.isatty(), prompt_cache=args.prompt_cache is not None)  # fmt: skip
 
@@ -234,18 +227,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cache-policy", default="lfu", choices=["lfu", "lru"],
                    help="which cached experts make room for new ones (default: lfu, frequency with aging)")  # fmt: skip
     add_prompt_cache_flags(common)
-    g = common.add_argument_group("sampling")
-    g.add_argument("--max-tokens", type=int, default=256)
-    g.add_argument(
-        "--temperature", type=float, default=1.0, help="0 = greedy (default: 1.0, the release's advice)"
-    )
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--min-p", type=float, default=0.0)
-    g.add_argument("--repetition-penalty", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    g.add_argument("--speculative", action="store_true", help="speculative decoding with the checkpoint's draft: DSpark (0731-style releases) or MTP (preview); one sequence")
 
     sp = sub.add_parser("run", parents=[common], help="generate from a prompt, streaming the text")
     sp.add_argument("prompt", nargs="?", help="prompt text (default: read stdin)")
@@ -256,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--raw", action="store_true", help="plain text completion (default for non-V4 vocabularies)"
     )
     sp.add_argument("--quiet", action="store_true", help="no statistics line on stderr")
+    _sampling_flags(sp)
     sp.set_defaults(fn=cmd_run)
 
     sp = sub.add_parser("chat", parents=[common], help="interactive chat (/help inside for commands)")
@@ -263,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--system", default=None, help="system prompt")
     sp.add_argument("--resume", type=Path, default=None, metavar="FILE",
                     help="continue a conversation saved with /save (with --prompt-cache, without prefilling it again)")  # fmt: skip
+    _sampling_flags(sp)
     sp.set_defaults(fn=cmd_chat)
 
     sp = sub.add_parser("plan", help="where each part goes under memory budgets, and the expected speed")
@@ -277,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .server import add_serve_parser
     from .train import add_train_parser
 
-    add_serve_parser(sub, common)
+    _sampling_flags(add_serve_parser(sub, common), server=True)
     add_train_parser(sub)
 
     sp = sub.add_parser(
@@ -287,6 +270,30 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=0)
     sp.set_defaults(fn=cmd_tiny)
     return p
+
+
+def _sampling_flags(sp: argparse.ArgumentParser, server: bool = False) -> None:
+    """The sampling flags: run's and chat's settings, or serve's defaults for requests that leave them out
+    (unset ones leave the request's own defaults alone)."""
+    g = sp.add_argument_group("sampling defaults for requests" if server else "sampling")
+    if server:
+        g.add_argument("--max-tokens", type=int, default=None,
+                       help="cap on the completion of a request without max_tokens (default: none, up to "
+                            "the context, as OpenAI-compatible servers do)")  # fmt: skip
+    else:
+        g.add_argument("--max-tokens", type=int, default=256, help="tokens to generate at most (default: 256)")
+    g.add_argument("--temperature", type=float, default=None if server else 1.0,
+                   help="0 = greedy (default: 1.0, the release's advice)")  # fmt: skip
+    g.add_argument("--top-p", type=float, default=None if server else 1.0)
+    g.add_argument("--top-k", type=int, default=None if server else 0)
+    g.add_argument("--min-p", type=float, default=None if server else 0.0)
+    g.add_argument("--repetition-penalty", type=float, default=None if server else 1.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    if not server:
+        g.add_argument("--speculative", action="store_true",
+                       help="speculative decoding with the checkpoint's draft: DSpark (0731-style releases) or "
+                            "MTP (preview); one sequence")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

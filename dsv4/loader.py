@@ -19,6 +19,16 @@ from .model import Numerics, ResidentExperts, Transformer
 from .prefix_cache import ram_share
 
 NUMERICS = ("exact", "released")
+DEMO_DIR = Path(__file__).parent / "demo"  # the bundled tiny model that `dsv4 run/chat/serve` use by default
+
+
+def model_dir(path: str | Path | None) -> Path:
+    """The checkpoint folder to load: `path`, or the bundled demo model when none is given."""
+    if path is not None:
+        return Path(path)
+    if (DEMO_DIR / "config.json").exists():
+        return DEMO_DIR
+    raise FileNotFoundError("no --model given and no bundled demo model in this install: pass --model DIR")
 
 
 def parse_numerics(dtype: torch.dtype | str, numerics: str) -> Numerics:

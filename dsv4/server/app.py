@@ -161,13 +161,13 @@ def _add_service_routes(app: FastAPI, srv: Server) -> None:
 
 def create_app(engine, *, model_name: str, api_key: str | None = None, max_queue: int = 64,
                max_running: int = 16, max_body_bytes: int = 4 << 20, max_context: int | None = None,
-               max_step_tokens: int = 256, default_max_tokens: int = 4096,
+               max_step_tokens: int = 256, default_max_tokens: int | None = None,
                sampling_defaults: dict[str, Any] | None = None, prefix_cache=None) -> FastAPI:  # fmt: skip
     """The app serving `engine` as `model_name`.
 
     max_running sequences decode together; up to max_queue more wait; beyond that requests get a 429.
     The context is the model's max_seq_len, or max_context if smaller; a request without max_tokens
-    gets the room left, at most default_max_tokens (or sampling_defaults["max_tokens"]).
+    gets the room left in the context, at most default_max_tokens when given (`dsv4 serve --max-tokens`).
     sampling_defaults (SamplingParams fields) fill what a request leaves out. The generation thread
     starts here and runs until `app.state.server.worker.close()` (a daemon thread: it never holds the
     process open); app lifespans are left alone, so test clients that run them do not stop it.
