@@ -259,9 +259,15 @@ class Checkpoint:
 
     # ---- validation ----
 
-    def validate(self, cfg: ModelConfig) -> None:
-        """Check every tensor against the config; raise CheckpointError on the first mismatch."""
-        expected = expected_tensors(cfg, with_mtp=any(n.startswith("mtp.") for n in self.entries))
+    def release(self, cfg: ModelConfig) -> Release:
+        """Which V4 release this folder holds (see `detect_release`)."""
+        return detect_release(cfg, self.entries, self.path)
+
+    def validate(self, cfg: ModelConfig) -> Release:
+        """Check every tensor against the config and the detected release; raise CheckpointError on the
+        first mismatch. Returns the release."""
+        release = self.release(cfg)
+        expected = expected_tensors(cfg, with_mtp=release.draft == "mtp", dspark_stages=release.dspark_stages)
         for name, spec in expected.items():
             if name not in self.entries:
                 where = "the checkpoint"
@@ -272,8 +278,10 @@ class Checkpoint:
             if name not in allowed:
                 raise CheckpointError(
                     f"unexpected tensor {name!r} (stored as {e.stored!r} in {e.file.name}, shape {list(e.shape)}): "
-                    f"the config ({cfg.n_layers} layers, {cfg.n_routed_experts} experts) does not use it"
+                    f"the config ({cfg.n_layers} layers, {cfg.n_routed_experts} experts) and the {release.describe()} "
+                    "layout do not use it"
                 )
+        return release
 
 
 def _data_offsets(file: Path) -> dict[str, tuple[int, int]]:
@@ -335,8 +343,9 @@ class Spec:
             )
 
 
-def expected_tensors(cfg: ModelConfig, with_mtp: bool) -> dict[str, Spec]:
-    """Every tensor the config implies, by official name."""
+def expected_tensors(cfg: ModelConfig, with_mtp: bool, dspark_stages: int = 0) -> dict[str, Spec]:
+    """Every tensor the config implies, by official name: the backbone, plus the preview's MTP layer
+    (with_mtp) or a DSpark draft of `dspark_stages` stages (0731-style releases)."""
     d, n = cfg.dim, cfg.hc_mult
     out: dict[str, Spec] = {
         "embed.weight": Spec((cfg.vocab_size, d), "float"),
@@ -356,7 +365,141 @@ def expected_tensors(cfg: ModelConfig, with_mtp: bool) -> dict[str, Spec]:
             out[f"{p}.h_proj.weight"] = Spec((d, d), "linear")
             for norm in ("enorm", "hnorm", "norm"):
                 out[f"{p}.{norm}.weight"] = Spec((d,), "float")
+    if dspark_stages:
+        out.update(dspark_specs(cfg, dspark_stages))
     return out
+
+
+def dspark_specs(cfg: ModelConfig, stages: int) -> dict[str, Spec]:
+    """The DSpark draft: `stages` window-only, score-routed blocks `mtp.0..`; the first also holds the
+    context projection of the captured target layers, the last the hc head, norm, Markov and
+    confidence heads. Embedding and head are the target's."""
+    d, rank = cfg.dim, cfg.dspark_markov_rank
+    out: dict[str, Spec] = {}
+    for s in range(stages):
+        out.update(block_specs(cfg, f"mtp.{s}", 0, False, False))
+    out["mtp.0.main_proj.weight"] = Spec((d, len(cfg.dspark_target_layer_ids) * d), "linear")
+    out["mtp.0.main_norm.weight"] = Spec((d,), "float")
+    last = f"mtp.{stages - 1}"
+    out[f"{last}.norm.weight"] = Spec((d,), "float")
+    out.update(_hc_head_specs(f"{last}.", cfg.hc_mult, d))
+    out[f"{last}.markov_head.markov_w1.weight"] = Spec((cfg.vocab_size, rank), "float")
+    out[f"{last}.markov_head.markov_w2.weight"] = Spec((cfg.vocab_size, rank), "float")
+    out[f"{last}.confidence_head.proj.weight"] = Spec((1, d + rank), "float")
+    return out
+
+
+# ---- release detection ----
+
+# Draft tensors that only one layout has (the part after `mtp.N.`); block tensors are shared.
+_MTP_ONLY = ("e_proj.", "h_proj.", "enorm.", "hnorm.")
+_DSPARK_ONLY = ("main_proj.", "main_norm.", "markov_head.", "confidence_head.")
+_LAYOUTS = (
+    "the preview's MTP layer (mtp.0 with e_proj, h_proj, enorm, hnorm)",
+    "a DSpark draft (mtp.0..2 with main_proj, main_norm, markov_head, confidence_head; config dspark_* keys)",
+)
+EXPECTED_LAYOUTS = " or ".join(_LAYOUTS)
+
+
+@dataclass(frozen=True)
+class Release:
+    """Which DeepSeek V4 release a checkpoint folder holds.
+
+    name: "preview" (the April release, MTP draft), "0731" (V4-Flash-0731 / V4-Pro-0813: new backbone
+    weights, DSpark draft, 0731 chat format) or "dspark" (the -DSpark repos: the preview backbone plus a
+    DSpark draft, preview chat format). draft: "mtp", "dspark" or None (no draft tensors).
+    naming: "official" or "transformers" (an export by transformers' save_pretrained).
+    chat: the chat format the release's encoder renders: "preview" or "0731".
+    """
+
+    name: str
+    draft: str | None
+    naming: str
+    chat: str
+    dspark_stages: int = 0
+
+    def describe(self) -> str:
+        names = {"preview": "V4 preview", "0731": "V4 0731-style", "dspark": "V4 DSpark repo (preview backbone)"}
+        draft = {"mtp": "MTP draft", "dspark": f"{self.dspark_stages}-stage DSpark draft", None: "no draft"}[self.draft]
+        naming = ", transformers names" if self.naming == "transformers" else ""
+        return f"{names[self.name]} ({draft}{naming})"
+
+
+def detect_release(cfg: ModelConfig, entries: dict[str, Entry], path: Path | None = None) -> Release:
+    """Decide the release from the config and the tensor names; raise CheckpointError on a draft layout
+    that is unknown, mixed, or contradicts the config (naming the tensor and the layouts expected).
+
+    The layout cannot tell a 0731-style checkpoint from a DSpark repo (same tensors and config keys):
+    the encoder the folder ships (`encoding/encoding_dsv4.py`) does when present; without it a DSpark
+    checkpoint is taken for 0731-style."""
+    naming = "transformers" if any(e.stored.startswith(("model.", "lm_head.")) for e in entries.values()) else "official"
+    stages: set[int] = set()
+    mtp_marker = dspark_marker = None
+    for name in sorted(entries, key=lambda n: (n.endswith(".scale"), n)):  # name weights before scales
+        if not name.startswith("mtp."):
+            continue
+        m = re.match(r"mtp\.(\d+)\.(.+)$", name)
+        if not m:
+            raise CheckpointError(f"tensor {name!r} matches no known draft layout; expected {EXPECTED_LAYOUTS}")
+        stages.add(int(m.group(1)))
+        rest = m.group(2)
+        if rest.startswith(_MTP_ONLY):
+            mtp_marker = mtp_marker or name
+        elif rest.startswith(_DSPARK_ONLY):
+            dspark_marker = dspark_marker or name
+    if mtp_marker and dspark_marker:
+        raise CheckpointError(
+            f"tensor {dspark_marker!r} belongs to a DSpark draft but {mtp_marker!r} to the preview's MTP layer: "
+            f"a mixed layout; expected {EXPECTED_LAYOUTS}"
+        )
+    if stages and not (mtp_marker or dspark_marker):
+        first = min(n for n in entries if n.startswith("mtp."))
+        raise CheckpointError(f"tensor {first!r} matches no known draft layout; expected {EXPECTED_LAYOUTS}")
+    if mtp_marker and cfg.dspark:
+        raise CheckpointError(
+            f"tensor {mtp_marker!r} belongs to the preview's MTP layer, but config.json declares a DSpark draft "
+            f"(dspark_block_size {cfg.dspark_block_size}); expected {_LAYOUTS[1]}"
+        )
+    if dspark_marker and not cfg.dspark:
+        raise CheckpointError(
+            f"tensor {dspark_marker!r} belongs to a DSpark draft, but config.json has no dspark_block_size / "
+            f"dspark_target_layer_ids / dspark_markov_rank; expected {_LAYOUTS[0]} or the 0731 config keys"
+        )
+    n_stages = 0
+    if dspark_marker:
+        n_stages = max(stages) + 1
+        missing = sorted(set(range(n_stages)) - stages)
+        if missing:
+            raise CheckpointError(f"the DSpark draft has stages {sorted(stages)} but no mtp.{missing[0]}.* tensors")
+        listed = len(cfg.draft_compress_ratios)
+        if listed > 1 and listed != n_stages:
+            raise CheckpointError(
+                f"config.json's compress_ratios list {listed} draft stages after the {cfg.n_layers} layers, "
+                f"but the checkpoint holds {n_stages} (mtp.0..{n_stages - 1})"
+            )
+    draft = "dspark" if dspark_marker else "mtp" if mtp_marker else None
+    chat = _shipped_chat_format(path)
+    if draft == "mtp" or not (cfg.dspark or draft == "dspark"):
+        name = "preview"
+    else:
+        name = "dspark" if chat == "preview" else "0731"
+    return Release(name, draft, naming, chat or ("0731" if name == "0731" else "preview"), n_stages)
+
+
+# A line of the 0731 encoder that the preview's lacks: its `max` reasoning effort text (chat.py holds it).
+_0731_ENCODER_MARK = "REASONING_EFFORT_HIGH"
+
+
+def _shipped_chat_format(path: Path | None) -> str | None:
+    """'0731' or 'preview' from the encoder a release folder ships, None when it ships none."""
+    if path is None:
+        return None
+    f = path / "encoding" / "encoding_dsv4.py"
+    try:
+        text = f.read_text(errors="replace")
+    except OSError:
+        return None
+    return "0731" if _0731_ENCODER_MARK in text else "preview"
 
 
 def _hc_head_specs(prefix: str, n: int, d: int) -> dict[str, Spec]:

@@ -10,6 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from .loader import model_dir
+
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .checkpoint import Checkpoint
@@ -30,9 +32,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from .memory import parse_size
     from .plan import make_plan, render
 
-    model = _model_dir(args)
+    model = model_dir(args.model)
     cfg, ckpt = ModelConfig.from_file(model), Checkpoint(model)
-    print(render(make_plan(ckpt, cfg, parse_size(args.ram), parse_size(args.vram)), ckpt, cfg))
+    plan = make_plan(ckpt, cfg, parse_size(args.ram), parse_size(args.vram))
+    print(render(plan, ckpt, cfg))
+    if args.ranks > 1:
+        from .plan import Link, render_ranks
+
+        print(render_ranks(plan, cfg, args.ranks, Link(args.link_latency * 1e-6, args.link_gbps * 1e9 / 8)))
     return 0
 
 
@@ -46,24 +53,31 @@ def cmd_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
-DEMO_DIR = Path(__file__).parent / "demo"
 OFFICIAL_VOCAB = 129280
 
 
-def _model_dir(args: argparse.Namespace) -> Path:
-    if args.model is not None:
-        return args.model
-    if (DEMO_DIR / "config.json").exists():
-        return DEMO_DIR
-    raise FileNotFoundError("no --model given and no bundled demo model in this install: pass --model DIR")
+def add_prompt_cache_flags(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("prompt cache")
+    g.add_argument("--prompt-cache", type=Path, default=None, metavar="DIR",
+                   help="keep prompt state snapshots in DIR, reused across requests and restarts")  # fmt: skip
+    g.add_argument("--prompt-cache-size", default="8G",
+                   help="disk cap of --prompt-cache DIR; least recently used files go first (default: 8G)")  # fmt: skip
 
 
 def _load(args: argparse.Namespace):
     import dsv4
 
-    return dsv4.load(_model_dir(args), device=args.device, dtype=args.dtype, numerics=args.numerics,
+    return dsv4.load(model_dir(args.model), device=args.device, dtype=args.dtype, numerics=args.numerics,
                      max_ram=args.max_ram, max_vram=args.max_vram, cache_policy=args.cache_policy,
-                     progress=sys.stderr.isatty())  # fmt: skip
+                     progress=sys.stderr.isatty(), prompt_cache=args.prompt_cache is not None)  # fmt: skip
+
+
+def _prompt_cache(args: argparse.Namespace, engine):
+    if args.prompt_cache is None:
+        return None
+    from .prefix_cache import for_engine
+
+    return for_engine(engine, disk_dir=args.prompt_cache, disk=args.prompt_cache_size)
 
 
 def _sampling(args: argparse.Namespace) -> dict:
@@ -81,7 +95,7 @@ def _stats_line(result) -> str:
     line = (f"[{st.prompt_tokens} prompt tokens, {st.generated_tokens} generated; prefill {st.prefill_tps:.1f} tok/s, "
             f"decode {st.decode_tps:.1f} tok/s; finish: {result.finish_reason}")  # fmt: skip
     if st.acceptance_rate is not None:
-        line += f"; MTP acceptance {st.acceptance_rate:.0%}"
+        line += f"; draft acceptance {st.acceptance_rate:.0%}, mean accepted length {st.mean_accepted_length:.2f}"
     return line + "]"
 
 
@@ -95,13 +109,24 @@ def cmd_run(args: argparse.Namespace) -> int:
     request = [{"role": "user", "content": prompt}] if chat else prompt
     if not chat:
         print(prompt, end="", flush=True)
+    cache, state, reused = _prompt_cache(args, engine), None, 0
+    if cache is not None:
+        from .prefix_cache import prefill
+
+        request = engine.encode(request, thinking_mode=mode)
+        state, reused = prefill(engine, cache, request)
     try:
-        for ev in engine.stream(request, thinking_mode=mode, speculative=args.speculative, **_sampling(args)):
+        for ev in engine.stream(request, thinking_mode=mode, speculative=args.speculative, state=state,
+                                reused=reused, **_sampling(args)):  # fmt: skip
             print(ev.text, end="", flush=True)
     except KeyboardInterrupt:
         print("\n[stopped]", file=sys.stderr)
         return 130
     print()
+    if cache is not None:
+        seq = engine.last_sequence
+        cache.insert((seq.prompt_ids + seq.output)[: seq.state.pos], seq.state)
+        cache.flush()
     if not args.quiet:
         print(_stats_line(engine.last_sequence.result()), file=sys.stderr)
     return 0
@@ -119,7 +144,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from .session import ChatSession
 
     engine = _load(args)
-    session = ChatSession(engine, thinking_mode="thinking" if args.think else "chat", system=args.system)
+    session = ChatSession(engine, thinking_mode="thinking" if args.think else "chat", system=args.system,
+                          prefix_cache=_prompt_cache(args, engine))  # fmt: skip
+    if args.resume is not None:
+        session.load(args.resume)
+        print(f"[resumed {len(session.messages)} messages from {args.resume}]")
     params = _sampling(args)
     print("dsv4 chat: type a message, /help for commands, Ctrl-D to leave.", flush=True)
     while True:
@@ -127,6 +156,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             line = input(">>> ")
         except EOFError:
             print()
+            session.close()
             return 0
         except KeyboardInterrupt:
             print()
@@ -136,6 +166,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             continue
         if line.startswith("/"):
             if _chat_command(session, line):
+                session.close()
                 return 0
             continue
         try:
@@ -195,18 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-vram", default=None, help="GPU memory budget for the expert cache (CUDA only)")
     g.add_argument("--cache-policy", default="lfu", choices=["lfu", "lru"],
                    help="which cached experts make room for new ones (default: lfu, frequency with aging)")  # fmt: skip
-    g = common.add_argument_group("sampling")
-    g.add_argument("--max-tokens", type=int, default=256)
-    g.add_argument(
-        "--temperature", type=float, default=1.0, help="0 = greedy (default: 1.0, the release's advice)"
-    )
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--min-p", type=float, default=0.0)
-    g.add_argument("--repetition-penalty", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    g.add_argument("--speculative", action="store_true", help="MTP speculative decoding (one sequence)")
+    add_prompt_cache_flags(common)
 
     sp = sub.add_parser("run", parents=[common], help="generate from a prompt, streaming the text")
     sp.add_argument("prompt", nargs="?", help="prompt text (default: read stdin)")
@@ -217,23 +237,30 @@ def build_parser() -> argparse.ArgumentParser:
         "--raw", action="store_true", help="plain text completion (default for non-V4 vocabularies)"
     )
     sp.add_argument("--quiet", action="store_true", help="no statistics line on stderr")
+    _sampling_flags(sp)
     sp.set_defaults(fn=cmd_run)
 
     sp = sub.add_parser("chat", parents=[common], help="interactive chat (/help inside for commands)")
     sp.add_argument("--think", action="store_true", help="start in thinking mode")
     sp.add_argument("--system", default=None, help="system prompt")
+    sp.add_argument("--resume", type=Path, default=None, metavar="FILE",
+                    help="continue a conversation saved with /save (with --prompt-cache, without prefilling it again)")  # fmt: skip
+    _sampling_flags(sp)
     sp.set_defaults(fn=cmd_chat)
 
     sp = sub.add_parser("plan", help="where each part goes under memory budgets, and the expected speed")
     sp.add_argument("--model", type=Path, default=None, help="checkpoint folder (default: the bundled demo model)")
     sp.add_argument("--ram", default=None, help="RAM budget (default: the available memory)")
     sp.add_argument("--vram", default=None, help="GPU memory budget")
+    sp.add_argument("--ranks", type=int, default=1, help="machines (torchrun ranks) sharing the experts; --ram is per rank")
+    sp.add_argument("--link-latency", type=float, default=50.0, help="one-way network latency in us (default 50)")
+    sp.add_argument("--link-gbps", type=float, default=10.0, help="network bandwidth in Gbit/s (default 10)")
     sp.set_defaults(fn=cmd_plan)
 
     from .server import add_serve_parser
     from .train import add_train_parser
 
-    add_serve_parser(sub, common)
+    _sampling_flags(add_serve_parser(sub, common), server=True)
     add_train_parser(sub)
 
     sp = sub.add_parser(
@@ -243,6 +270,30 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=0)
     sp.set_defaults(fn=cmd_tiny)
     return p
+
+
+def _sampling_flags(sp: argparse.ArgumentParser, server: bool = False) -> None:
+    """The sampling flags: run's and chat's settings, or serve's defaults for requests that leave them out
+    (unset ones leave the request's own defaults alone)."""
+    g = sp.add_argument_group("sampling defaults for requests" if server else "sampling")
+    if server:
+        g.add_argument("--max-tokens", type=int, default=None,
+                       help="cap on the completion of a request without max_tokens (default: none, up to "
+                            "the context, as OpenAI-compatible servers do)")  # fmt: skip
+    else:
+        g.add_argument("--max-tokens", type=int, default=256, help="tokens to generate at most (default: 256)")
+    g.add_argument("--temperature", type=float, default=None if server else 1.0,
+                   help="0 = greedy (default: 1.0, the release's advice)")  # fmt: skip
+    g.add_argument("--top-p", type=float, default=None if server else 1.0)
+    g.add_argument("--top-k", type=int, default=None if server else 0)
+    g.add_argument("--min-p", type=float, default=None if server else 0.0)
+    g.add_argument("--repetition-penalty", type=float, default=None if server else 1.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    if not server:
+        g.add_argument("--speculative", action="store_true",
+                       help="speculative decoding with the checkpoint's draft: DSpark (0731-style releases) or "
+                            "MTP (preview); one sequence")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -65,8 +65,14 @@ class ModelConfig:
     hc_mult: int = 4
     hc_sinkhorn_iters: int = 20
     hc_eps: float = 1e-6
+    # draft heads: the preview's MTP layer, or the 0731-style DSpark draft (dspark_block_size > 0)
+    n_mtp_layers: int = 1  # num_nextn_predict_layers; DSpark checkpoints still say 1 (count mtp.N instead)
+    draft_compress_ratios: tuple[int, ...] = ()  # compress_ratios past the layers: one per MTP layer / stage
+    dspark_block_size: int = 0  # tokens per draft block: the anchor then noise tokens
+    dspark_noise_token_id: int = -1
+    dspark_target_layer_ids: tuple[int, ...] = ()  # target layers whose outputs feed main_proj
+    dspark_markov_rank: int = 0  # width of markov_head.markov_w1/w2
     # extras
-    n_mtp_layers: int = 1
     max_seq_len: int = 1048576
     bos_token_id: int = 0
     eos_token_id: int = 1
@@ -88,6 +94,21 @@ class ModelConfig:
             raise ValueError(f"rope_head_dim {self.rope_head_dim} must be even and <= head_dim {self.head_dim}")
         if self.n_heads % self.o_groups:
             raise ValueError(f"n_heads {self.n_heads} must be a multiple of o_groups {self.o_groups}")
+        if self.dspark_block_size:
+            self._check_dspark()
+
+    def _check_dspark(self) -> None:
+        bad = [i for i in self.dspark_target_layer_ids if not 0 <= i < self.n_layers]
+        if not self.dspark_target_layer_ids or bad:
+            raise ValueError(
+                f"dspark_target_layer_ids {list(self.dspark_target_layer_ids)} must name layers in [0, {self.n_layers})"
+            )
+        if self.dspark_block_size < 2:
+            raise ValueError(f"dspark_block_size must be >= 2 (anchor + noise tokens), got {self.dspark_block_size}")
+        if not 0 <= self.dspark_noise_token_id < self.vocab_size:
+            raise ValueError(f"dspark_noise_token_id {self.dspark_noise_token_id} is outside the vocabulary [0, {self.vocab_size})")
+        if self.dspark_markov_rank < 1:
+            raise ValueError(f"dspark_markov_rank must be >= 1, got {self.dspark_markov_rank}")
 
     # ---- derived ----
 
@@ -95,6 +116,11 @@ class ModelConfig:
     def n_mix(self) -> int:
         """Width of an mHC projection: pre (n) + post (n) + comb (n x n)."""
         return (2 + self.hc_mult) * self.hc_mult
+
+    @property
+    def dspark(self) -> bool:
+        """The config declares a DSpark draft (0731-style releases and the DSpark repos)."""
+        return self.dspark_block_size > 0
 
     def layer_kind(self, layer: int) -> str:
         """'sliding', 'csa' or 'hca'."""
@@ -131,7 +157,7 @@ class ModelConfig:
         rope = _parse_rope(raw, g)
         partial = rope.pop("partial_rotary_factor", 64 / 512)
         rope_head_dim = g.int("qk_rope_head_dim", "rope_head_dim", default=0) or int(round(head_dim * partial))
-        ratios, csa, mtp_ratio = _parse_compress_ratios(raw, n_layers)
+        ratios, csa, draft_ratios = _parse_compress_ratios(raw, n_layers)
         quant = raw.get("quantization_config") or {}
         expert_dtype = raw.get("expert_dtype") or quant.get("expert_dtype")
         eos = raw.get("eos_token_id", 1)
@@ -157,7 +183,8 @@ class ModelConfig:
             window_size=g.int("sliding_window", "window_size", default=128),
             compress_ratios=ratios,
             csa_layers=csa,
-            mtp_compress_ratio=mtp_ratio,
+            mtp_compress_ratio=draft_ratios[0] if draft_ratios else 0,
+            draft_compress_ratios=draft_ratios,
             norm_eps=g.float("rms_norm_eps", "norm_eps", default=1e-6),
             index_n_heads=g.int("index_n_heads", default=64),
             index_head_dim=g.int("index_head_dim", default=128),
@@ -166,6 +193,10 @@ class ModelConfig:
             hc_sinkhorn_iters=g.int("hc_sinkhorn_iters", default=20),
             hc_eps=g.float("hc_eps", default=1e-6),
             n_mtp_layers=g.int("num_nextn_predict_layers", "n_mtp_layers", default=1),
+            dspark_block_size=g.int("dspark_block_size", default=0),
+            dspark_noise_token_id=g.int("dspark_noise_token_id", default=-1),
+            dspark_target_layer_ids=_int_tuple(raw, "dspark_target_layer_ids"),
+            dspark_markov_rank=g.int("dspark_markov_rank", default=0),
             max_seq_len=g.int("max_position_embeddings", "max_seq_len", default=1048576),
             bos_token_id=int(raw.get("bos_token_id", 0) or 0),
             eos_token_id=int(eos[0] if isinstance(eos, list) else (eos if eos is not None else 1)),
@@ -201,15 +232,25 @@ class _Getter:
         return float(v)
 
 
-def _parse_compress_ratios(raw: dict[str, Any], n_layers: int) -> tuple[tuple[int, ...], tuple[bool, ...], int]:
-    """Per-layer compress ratios and CSA flags, plus the MTP layer's ratio (official configs list it last)."""
+def _int_tuple(raw: dict[str, Any], key: str) -> tuple[int, ...]:
+    v = raw.get(key)
+    if v is None:
+        return ()
+    if not isinstance(v, list | tuple) or any(isinstance(x, bool) or not isinstance(x, int) for x in v):
+        raise ValueError(f"config key {key!r} must be a list of integers, got {v!r}")
+    return tuple(v)
+
+
+def _parse_compress_ratios(raw: dict[str, Any], n_layers: int) -> tuple[tuple[int, ...], tuple[bool, ...], tuple[int, ...]]:
+    """Per-layer compress ratios and CSA flags, plus the draft's entries that official configs list after
+    the layers: one for the preview's MTP layer, one per stage (n_layers + 3 entries) for a DSpark draft."""
     if raw.get("compress_ratios") is not None:
         ratios = [int(r) for r in raw["compress_ratios"]]
         if len(ratios) < n_layers:
             raise ValueError(f"compress_ratios has {len(ratios)} entries for {n_layers} layers")
         # The official code gives ratio-4 layers the overlapping compressor and the indexer.
         csa = tuple(r == 4 for r in ratios[:n_layers])
-        return tuple(ratios[:n_layers]), csa, (ratios[n_layers] if len(ratios) > n_layers else 0)
+        return tuple(ratios[:n_layers]), csa, tuple(ratios[n_layers:])
     rates = dict(DEFAULT_COMPRESS_RATES)
     rates.update(raw.get("compress_rates") or {})
     for legacy, key in (("compress_rate_csa", "compressed_sparse_attention"), ("compress_rate_hca", "heavily_compressed_attention")):
@@ -228,7 +269,7 @@ def _parse_compress_ratios(raw: dict[str, Any], n_layers: int) -> tuple[tuple[in
             raise ValueError(f"unknown layer type {t!r}; expected one of {sorted(LAYER_TYPE_TO_RATIO_NAME)}")
         out.append(0 if t == "sliding_attention" else int(rates[t]))
     csa = tuple(t == "compressed_sparse_attention" for t in types[:n_layers])
-    return tuple(out), csa, 0
+    return tuple(out), csa, ()
 
 
 def _parse_hash_layers(raw: dict[str, Any], n_layers: int) -> tuple[bool, ...]:
@@ -287,5 +328,5 @@ _KNOWN_KEYS = {
     "index_n_heads", "index_head_dim", "index_topk", "hc_mult", "hc_sinkhorn_iters", "hc_eps",
     "num_nextn_predict_layers", "n_mtp_layers", "max_position_embeddings", "max_seq_len", "bos_token_id",
     "eos_token_id", "quantization_config", "expert_dtype", "original_seq_len", "rope_factor", "beta_fast",
-    "beta_slow",
+    "beta_slow", "dspark_block_size", "dspark_noise_token_id", "dspark_target_layer_ids", "dspark_markov_rank",
 }  # fmt: skip

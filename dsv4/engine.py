@@ -27,6 +27,7 @@ class Engine:
         self.model = model
         self.checkpoint = checkpoint
         self._tokenizer = tokenizer
+        self._speculation = {"rounds": 0, "drafted": 0, "accepted": 0}
 
     @property
     def config(self) -> ModelConfig:
@@ -128,13 +129,46 @@ class Engine:
         from .memory import peak_rss_bytes, rss_bytes
 
         out: dict[str, Any] = {"rss_bytes": rss_bytes(), "peak_rss_bytes": peak_rss_bytes()}
+        spec = self._speculation
+        if spec["rounds"]:
+            out["speculative"] = {**spec, "acceptance_rate": spec["accepted"] / spec["drafted"],
+                                  "mean_accepted_length": (spec["accepted"] + spec["rounds"]) / spec["rounds"]}  # fmt: skip
         store = getattr(self.model, "store", None)
         if store is not None:
             out["expert_cache"] = {**store.stats.as_dict(), "used_bytes": store.used_bytes, "budget_bytes": store.budget_bytes}
+        comm = getattr(self.model, "comm", None)
+        if comm is not None:
+            out["distributed"] = {"ranks": comm.ranks, **comm.stats.as_dict()}
         return out
 
     def new_state(self) -> SeqState:
         return self.model.new_state()
+
+    def note_speculation(self, stats) -> None:
+        """Add one speculative sequence's draft counts to the totals `stats()` reports."""
+        spec = self._speculation
+        spec["rounds"] += stats.draft_rounds
+        spec["drafted"] += stats.draft_tokens
+        spec["accepted"] += stats.accepted_tokens
+
+    # ---- the DSpark draft, for comparisons with other implementations ----
+
+    @torch.inference_mode()
+    def draft_logits(self, token_ids: list[int]) -> torch.Tensor:
+        """fp32 [B, vocab] Markov-corrected logits of the greedy DSpark block that follows `token_ids`
+        (anchor = the target's greedy next token; row i is conditioned on the greedy d_<i)."""
+        return self._greedy_draft(token_ids).logits
+
+    @torch.inference_mode()
+    def draft_tokens(self, token_ids: list[int]) -> list[int]:
+        """The B greedy DSpark draft ids that follow `token_ids` (after the target's greedy next token)."""
+        return self._greedy_draft(token_ids).tokens
+
+    def _greedy_draft(self, token_ids: list[int]):
+        if self.model.dspark is None:
+            raise ValueError("this checkpoint has no DSpark draft (a preview checkpoint drafts with MTP)")
+        logits, state = self.prefill(list(token_ids))
+        return self.model.dspark_draft(state, int(logits[-1].argmax()), lambda row: int(row.argmax()))
 
     @torch.inference_mode()
     def step(
@@ -179,6 +213,10 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.d
     dtype is the compute dtype (bf16 default, fp32 for checks); numerics 'exact' computes what
     transformers computes, 'released' adds the official FP8 KV / FP4 indexer roundings.
     """
+    from . import distributed
+
+    if distributed.launched():  # under torchrun: experts split across ranks; only rank 0 returns
+        return distributed.load(path, device=device, dtype=dtype, numerics=numerics, **kwargs)
     from .loader import load_model
 
     model, ckpt = load_model(path, device=device, dtype=dtype, numerics=numerics, **kwargs)

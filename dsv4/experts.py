@@ -129,6 +129,7 @@ class ExpertStore:
     group_bytes: int = 1 << 62  # at most this many bytes of experts requested (and held) at once
     prefetch_bytes: int = 1 << 62  # at most this many bytes of prefetch reads in flight
     lower: ExpertStore | None = None  # a slower tier to read misses from (RAM under GPU memory); else disk
+    owned: frozenset[int] | None = None  # expert ids this store serves (a rank's share); None: all
     stats: StoreStats = field(default_factory=StoreStats)
 
     def __post_init__(self):
@@ -200,6 +201,7 @@ class ExpertStore:
 
     def prefetch(self, prefix: str, ids: list[int]) -> None:
         """Start reading experts that will be needed soon (no-op for cached or in-flight ones)."""
+        ids = self._mine(ids)
         with self._lock:
             room = self.prefetch_bytes - len(self._prefetching) * self.expert_bytes(prefix, 0)
             for e in ids:
@@ -216,6 +218,7 @@ class ExpertStore:
         """Early routing's guess of a layer's experts: remembered to be scored by `score_guess`, and
         prefetched while recent guesses were at least `min_guess_accuracy` right. A wrong guess costs a
         read that competes with the real ones for the disk; a right one only hides latency."""
+        ids = self._mine(ids)
         with self._lock:
             self._guesses[prefix] = set(ids)
             guessed, right = self._recent
@@ -230,7 +233,7 @@ class ExpertStore:
             g = self._guesses.pop(prefix, None)
             if g is None:
                 return
-            right = len(g & set(used))
+            right = len(g & set(self._mine(used)))
             self.stats.guessed += len(g)
             self.stats.guessed_right += right
             self._recent = [0.98 * self._recent[0] + len(g), 0.98 * self._recent[1] + right]
@@ -249,6 +252,10 @@ class ExpertStore:
         self._prefetch_pool.shutdown(wait=True)
 
     # ---- internals ----
+
+    def _mine(self, ids: list[int]) -> list[int]:
+        """Of `ids`, the experts this store serves: another rank's are never read here."""
+        return list(ids) if self.owned is None else [e for e in ids if e in self.owned]
 
     @staticmethod
     def _names(prefix: str, e: int) -> list[str]:

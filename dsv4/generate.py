@@ -42,8 +42,9 @@ class Stats:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     reused_tokens: int = 0  # prompt tokens served from a cached state (sessions)
-    draft_tokens: int = 0  # MTP drafts proposed
-    accepted_tokens: int = 0  # MTP drafts accepted
+    draft_tokens: int = 0  # speculative drafts proposed (MTP or DSpark)
+    accepted_tokens: int = 0  # drafts accepted
+    draft_rounds: int = 0  # verify steps: target forwards that checked a draft
 
     @property
     def prefill_tps(self) -> float:
@@ -57,6 +58,11 @@ class Stats:
     @property
     def acceptance_rate(self) -> float | None:
         return self.accepted_tokens / self.draft_tokens if self.draft_tokens else None
+
+    @property
+    def mean_accepted_length(self) -> float | None:
+        """Tokens a verify step yields on average: the accepted drafts plus the target's own token."""
+        return (self.accepted_tokens + self.draft_rounds) / self.draft_rounds if self.draft_rounds else None
 
 
 @dataclass

@@ -42,7 +42,7 @@ def summarize(ckpt: Checkpoint, cfg: ModelConfig) -> Summary:
         params = 0 if is_scale else numel * (2 if e.dtype in (torch.int8, torch.uint8) else 1)
         if name.startswith("mtp."):
             s.mtp_bytes += nbytes
-            continue  # the MTP layer is a draft head, not part of the model's parameter count
+            continue  # the MTP layer / DSpark draft is a draft head, not part of the model's parameter count
         s.total_params += params
         if ".ffn.experts." in name:
             s.expert_params += params
@@ -65,13 +65,15 @@ def human(n: float, unit: str = "B") -> str:
 def render(ckpt: Checkpoint, cfg: ModelConfig) -> str:
     s = summarize(ckpt, cfg)
     kinds = [cfg.layer_kind(i) for i in range(cfg.n_layers)]
+    release = ckpt.release(cfg)
     lines = [
         f"checkpoint   {ckpt.path}",
+        f"release      {release.describe()}; chat format {release.chat}",
         f"model        {cfg.n_layers} layers, dim {cfg.dim}, {cfg.n_heads} heads x {cfg.head_dim}, vocab {cfg.vocab_size}",
         f"experts      {cfg.n_routed_experts} routed ({cfg.n_activated_experts} active) + {cfg.n_shared_experts} shared, "
         f"width {cfg.moe_inter_dim}; hash-routed layers: {sum(cfg.hash_layers)}",
         f"parameters   {human(s.total_params, '')} total, {human(s.active_params, '')} active per token"
-        + (f" (+ MTP layer {human(s.mtp_bytes)})" if s.mtp_bytes else ""),
+        + (f" (+ {'DSpark draft' if release.draft == 'dspark' else 'MTP layer'} {human(s.mtp_bytes)})" if s.mtp_bytes else ""),
         "layer kinds  " + ", ".join(f"{k}: {n}" for k, n in Counter(kinds).items())
         + "   [" + "".join({"sliding": "S", "csa": "C", "hca": "H"}[k] for k in kinds) + "]",
         "bytes        " + ", ".join(f"{fmt} {human(b)}" for fmt, b in s.bytes_by_format.most_common()),

@@ -6,6 +6,7 @@ public `dsv4.load` wraps it in an `Engine`. It knows nothing of tokens or genera
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -14,9 +15,20 @@ from .checkpoint import Checkpoint
 from .config import ModelConfig
 from .experts import ExpertStore, attach
 from .memory import available_bytes, parse_size, rss_bytes
-from .model import Numerics, Transformer
+from .model import Numerics, ResidentExperts, Transformer
+from .prefix_cache import ram_share
 
 NUMERICS = ("exact", "released")
+DEMO_DIR = Path(__file__).parent / "demo"  # the bundled tiny model that `dsv4 run/chat/serve` use by default
+
+
+def model_dir(path: str | Path | None) -> Path:
+    """The checkpoint folder to load: `path`, or the bundled demo model when none is given."""
+    if path is not None:
+        return Path(path)
+    if (DEMO_DIR / "config.json").exists():
+        return DEMO_DIR
+    raise FileNotFoundError("no --model given and no bundled demo model in this install: pass --model DIR")
 
 
 def parse_numerics(dtype: torch.dtype | str, numerics: str) -> Numerics:
@@ -35,52 +47,79 @@ def parse_numerics(dtype: torch.dtype | str, numerics: str) -> Numerics:
 
 def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | str = torch.bfloat16,
                numerics: str = "exact", max_ram: str | int | None = None, max_vram: str | int | None = None,
-               cache_policy: str = "lfu", progress: bool = False) -> tuple[Transformer, Checkpoint]:  # fmt: skip
+               cache_policy: str = "lfu", progress: bool = False,
+               prompt_cache: bool = False, expert_ids: list[int] | None = None) -> tuple[Transformer, Checkpoint]:  # fmt: skip
     """Validate the checkpoint against its config, then build the model on `device`.
 
     Without budgets every routed expert is loaded into memory. With `max_ram` (bytes or "12G") the
     experts are served by an `ExpertStore`: whatever the dense weights, KV and runtime leave of the
     budget caches experts, the rest is read from the checkpoint files on demand. `max_vram` adds a
     GPU-memory tier in front when `device` is CUDA. progress=True draws a bar (stderr) over the layers.
+    prompt_cache=True sets `prefix_cache.ram_share` of the budget aside for prompt snapshots
+    (`model.prompt_cache_bytes`) before the expert cache is sized.
+    `expert_ids`: the routed experts (of every MoE layer) this process holds and reads; None: all of
+    them (expert parallelism gives each rank a disjoint share, see `dsv4.distributed`).
     """
     cfg = ModelConfig.from_file(path)
     ckpt = Checkpoint(path)
-    ckpt.validate(cfg)
+    release = ckpt.validate(cfg)
     device = torch.device(device)
-    ram, vram = _ram_budget(max_ram, ckpt, cfg), parse_size(max_vram)
+    ram, vram = _ram_budget(max_ram, ckpt, cfg, expert_ids), parse_size(max_vram)
+    share = ram_share(ram, available_bytes()) if prompt_cache else 0
+    owned = frozenset(expert_ids) if expert_ids is not None else None
     store = None
     if ram is not None or vram is not None:
         store = ExpertStore(
-            ckpt, budget_bytes=0, dtype=parse_numerics(dtype, numerics).dtype, policy=cache_policy
+            ckpt, budget_bytes=0, dtype=parse_numerics(dtype, numerics).dtype, policy=cache_policy, owned=owned
         )
         if device.type == "cuda":
-            store = ExpertStore(ckpt, budget_bytes=vram or 0, device=device, policy=cache_policy, lower=store)
+            store = ExpertStore(ckpt, budget_bytes=vram or 0, device=device, policy=cache_policy, lower=store,
+                                owned=owned)  # fmt: skip
     if device.type == "cpu":
         from . import kernels
 
         kernels.available()  # build (first use) or load the compiled kernels now, not inside the first prefill
-    model = _build(cfg, ckpt, device, parse_numerics(dtype, numerics), store, progress)
+    nums = parse_numerics(dtype, numerics)
+    if store is not None:
+        provider = store.layer
+    elif expert_ids is not None:
+        provider = partial(_resident_share, ckpt, cfg.n_routed_experts, nums.dtype, list(expert_ids))
+    else:
+        provider = None
+    model = _build(cfg, ckpt, device, nums, provider, progress, release.draft == "mtp")
+    # What the folder is (checkpoint.Release): a DSpark draft's mtp.* tensors were validated but are not
+    # part of the Transformer; the draft builds them from `ckpt` (official names, its stages' experts
+    # through `model.store`) when speculation asks for it.
+    model.release = release
     ckpt.close()  # the header maps and descriptors: weights were copied into memory of their own
     if store is not None:
-        _size_ram_tier(store, ram, cfg)
+        _size_ram_tier(store, None if ram is None else ram - share, cfg)
         attach(model, store)
     model.store = store
+    model.prompt_cache_bytes = share if prompt_cache else None
     return model, ckpt
 
 
-def _ram_budget(max_ram, ckpt: Checkpoint, cfg: ModelConfig) -> int | None:
-    """'auto': everything resident if the checkpoint fits in 85 % of the free memory, else that budget."""
+def _resident_share(ckpt: Checkpoint, n: int, dtype: torch.dtype, ids: list[int], prefix: str) -> ResidentExperts:
+    return ResidentExperts(ckpt, prefix, n, dtype, ids)
+
+
+def _ram_budget(max_ram, ckpt: Checkpoint, cfg: ModelConfig, expert_ids: list[int] | None = None) -> int | None:
+    """'auto': everything resident if the checkpoint (this process's share of the experts) fits in 85 %
+    of the free memory, else that budget."""
     if max_ram is None or (isinstance(max_ram, str) and max_ram.lower() == "none"):
         return None
     if isinstance(max_ram, str) and max_ram.lower() == "auto":
         total = sum(ckpt.nbytes(n) for n in ckpt.names())
+        if expert_ids is not None:
+            experts = sum(ckpt.nbytes(n) for n in ckpt.names() if ".ffn.experts." in n)
+            total -= experts - experts * len(expert_ids) // max(cfg.n_routed_experts, 1)
         free = int(available_bytes() * 0.85)
         return None if total + rss_bytes() < free else free
     return parse_size(max_ram)
 
 
-def _build(cfg, ckpt, device, numerics, store, progress) -> Transformer:
-    with_mtp = any(n.startswith("mtp.") for n in ckpt.names())
+def _build(cfg, ckpt, device, numerics, provider, progress, with_mtp: bool) -> Transformer:
     bar = None
     if progress:
         from tqdm import tqdm
@@ -88,7 +127,7 @@ def _build(cfg, ckpt, device, numerics, store, progress) -> Transformer:
         bar = tqdm(total=cfg.n_layers, desc="loading layers", unit="layer", leave=False)
     try:
         with torch.device(device):
-            model = Transformer(cfg, ckpt, numerics, store.layer if store else None, with_mtp=with_mtp,
+            model = Transformer(cfg, ckpt, numerics, provider, with_mtp=with_mtp,
                                 progress=(lambda i: bar.update(1)) if bar else None)  # fmt: skip
     finally:
         if bar is not None:

@@ -301,14 +301,28 @@ class Attention(nn.Module):
             st.index = self.indexer.compressor.new_state(device, max_rollback)
         return st
 
-    def forward(self, x: torch.Tensor, batch: Batch, states: list[LayerState], rope: Rope) -> torch.Tensor:
-        cos_sin = batch.rope[self.rope_kind]
+    def queries(self, x: torch.Tensor, cos_sin) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, D] -> the low-rank query qr [T, q_lora_rank] and the heads q [T, H, hd] (normed, RoPE'd)."""
         qr = ops.rms_norm(self.wq_a(x), self.q_norm, self.eps)
         q = ops.rms_norm(self.wq_b(qr).unflatten(-1, (self.n_heads, self.hd)), None, self.eps)
-        q = ops.rope(q, *cos_sin)  # [T, H, hd]
-        kv = ops.rope(ops.rms_norm(self.wkv(x), self.kv_norm, self.eps), *cos_sin)  # [T, hd]
-        if self.numerics.released:
-            kv = _round_kv(kv, self.rd)
+        return qr, ops.rope(q, *cos_sin)
+
+    def keys(self, x: torch.Tensor, cos_sin) -> torch.Tensor:
+        """x [T, D] -> the shared K=V head [T, hd] (normed, RoPE'd; FP8-rounded as released)."""
+        kv = ops.rope(ops.rms_norm(self.wkv(x), self.kv_norm, self.eps), *cos_sin)
+        return _round_kv(kv, self.rd) if self.numerics.released else kv
+
+    def output(self, o: torch.Tensor, cos_sin) -> torch.Tensor:
+        """Attention output o [T, H, hd] -> [T, D]: undo the values' RoPE at the query position, then the
+        grouped wo_a and wo_b."""
+        o = ops.rope(o, *cos_sin, inverse=True)
+        o = ops.grouped_linear(o.flatten(1).unflatten(1, (self.groups, -1)), self.wo_a.w, self.groups)
+        return self.wo_b(o.flatten(1))
+
+    def forward(self, x: torch.Tensor, batch: Batch, states: list[LayerState], rope: Rope) -> torch.Tensor:
+        cos_sin = batch.rope[self.rope_kind]
+        qr, q = self.queries(x, cos_sin)  # [T, H, hd]
+        kv = self.keys(x, cos_sin)  # [T, hd]
         comp = self.compressor.project(x, batch.positions) if self.compressor is not None else None
         index = None
         if self.indexer is not None:
@@ -322,9 +336,7 @@ class Attention(nn.Module):
                 keys = self.indexer.compressor.update(st.index, index[2][seg], pos, rope, st)
                 sel = (index[0][seg], index[1][seg], keys)
             outs.append(self._attend(q[seg], kv[seg], batch.positions[seg], pos, st, entries, sel))
-        o = ops.rope(torch.cat(outs), *cos_sin, inverse=True)  # undo the values' RoPE at the query position
-        o = ops.grouped_linear(o.flatten(1).unflatten(1, (self.groups, -1)), self.wo_a.w, self.groups)
-        return self.wo_b(o.flatten(1))
+        return self.output(torch.cat(outs), cos_sin)
 
     def _attend(self, q, kv, positions, pos0: int, st: LayerState, entries, sel, block: int = 128) -> torch.Tensor:
         """One sequence: q [S, H, hd], new kv [S, hd] at positions pos0..; stages the window's update."""
@@ -370,14 +382,14 @@ class Expert(nn.Module):
 
 
 class ResidentExperts(nn.Module):
-    """The simplest expert provider: every routed expert of a layer held in memory."""
+    """The simplest expert provider: a layer's routed experts held in memory (all, or the `ids` given)."""
 
-    def __init__(self, src: WeightSource, prefix: str, n: int, dtype: torch.dtype):
+    def __init__(self, src: WeightSource, prefix: str, n: int, dtype: torch.dtype, ids: list[int] | None = None):
         super().__init__()
-        self.experts = nn.ModuleList(Expert(src, f"{prefix}.{e}", dtype) for e in range(n))
+        self.experts = nn.ModuleDict({str(e): Expert(src, f"{prefix}.{e}", dtype) for e in (ids if ids is not None else range(n))})
 
     def get(self, ids: list[int]) -> dict[int, tuple[Weight, Weight, Weight]]:
-        return {e: self.experts[e].weights() for e in ids}
+        return {e: self.experts[str(e)].weights() for e in ids}
 
 
 class MoE(nn.Module):
@@ -424,7 +436,12 @@ class MoE(nn.Module):
         if prefetch_next is not None:  # start reading the next layer's likely experts while this one computes
             prefetch_next(x, tokens, used)
         y = ops.expert_mlp(x, *self.shared.weights(), self.limit).float()
-        group = getattr(self.experts, "group", None) or len(used)  # a store bounds how many it hands out at once
+        return self.add_routed(y, x, weights, ids, used).to(x.dtype)
+
+    def add_routed(self, y: torch.Tensor, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+                   used: list[int]) -> torch.Tensor:  # fmt: skip
+        """y [T, D] fp32 plus the routed experts `used`' contributions (x [T, D], weights/ids [T, K])."""
+        group = getattr(self.experts, "group", None) or max(len(used), 1)  # a store bounds how many it hands out at once
         for i in range(0, len(used), group):
             chunk = used[i : i + group]
             got = self.experts.get(chunk)
@@ -434,7 +451,7 @@ class MoE(nn.Module):
                 out = ops.expert_mlp(x[rows], w1, w2, w3, self.limit, weights[rows, slot, None])
                 y = y.index_add(0, rows, out.float())
             del got
-        return y.to(x.dtype)
+        return y
 
 
 class Block(nn.Module):
@@ -452,11 +469,15 @@ class Block(nn.Module):
         self.eps = cfg.norm_eps
 
     def forward(self, h: torch.Tensor, batch: Batch, states: list[LayerState], rope: Rope) -> torch.Tensor:
+        return self.run(h, lambda x: self.attn(x, batch, states, rope), batch.tokens)
+
+    def run(self, h: torch.Tensor, attend, tokens: torch.Tensor) -> torch.Tensor:
+        """The block around any attention `attend(x [T, D]) -> [T, D]` (the DSpark draft brings its own)."""
         x, post, comb = self.hc_attn.pre(h)
-        x = self.attn(ops.rms_norm(x, self.attn_norm, self.eps), batch, states, rope)
+        x = attend(ops.rms_norm(x, self.attn_norm, self.eps))
         h = HyperConnection.post(x, h, post, comb)
         x, post, comb = self.hc_ffn.pre(h)
-        x = self.ffn(ops.rms_norm(x, self.ffn_norm, self.eps), batch.tokens)
+        x = self.ffn(ops.rms_norm(x, self.ffn_norm, self.eps), tokens)
         return HyperConnection.post(x, h, post, comb)
 
 
@@ -489,7 +510,7 @@ class Transformer(nn.Module):
     """Embedding -> n streams -> blocks -> hc_head -> norm -> head, plus the optional MTP block."""
 
     def __init__(self, cfg: ModelConfig, src: WeightSource, numerics: Numerics = Numerics(),
-                 expert_provider=None, with_mtp: bool = True, progress=None):  # fmt: skip
+                 expert_provider=None, with_mtp: bool = True, progress=None, dspark_stages: int = 0):  # fmt: skip
         super().__init__()
         self.cfg, self.numerics = cfg, numerics
         dt = numerics.dtype
@@ -508,6 +529,13 @@ class Transformer(nn.Module):
             MTPBlock(cfg, src, f"mtp.{j}", numerics, expert_provider(f"mtp.{j}.ffn.experts") if expert_provider else None)
             for j in range(cfg.n_mtp_layers if with_mtp else 0)
         )
+        self.dspark = None  # the 0731-style DSpark draft (dsv4/dspark.py), when the checkpoint has one
+        if not dspark_stages and getattr(cfg, "dspark", False) and hasattr(src, "names"):
+            dspark_stages = len({n.split(".")[1] for n in src.names() if n.startswith("mtp.")})
+        if dspark_stages:
+            from .dspark import DSparkDraft  # the draft is built from this module's blocks
+
+            self.dspark = DSparkDraft(cfg, src, numerics, dspark_stages, expert_provider)
         rd = cfg.rope_head_dim
         self.ropes = {
             "main": Rope(rd, cfg.rope_theta),
@@ -522,7 +550,8 @@ class Transformer(nn.Module):
         dev = self.device
         return SeqState(
             layers=[layer.attn.new_state(dev, max_rollback) for layer in self.layers],
-            mtp=[m.block.attn.new_state(dev, max_rollback) for m in self.mtp],
+            mtp=[m.block.attn.new_state(dev, max_rollback) for m in self.mtp]
+            + (self.dspark.new_states(dev, max_rollback) if self.dspark is not None else []),
             max_rollback=max_rollback,
         )
 
@@ -559,9 +588,15 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.ffn.prefetch_hashed(batch.tokens)
         h = F.embedding(batch.tokens, self.embed).unsqueeze(1).repeat(1, self.cfg.hc_mult, 1)
+        taps = self.dspark.target_layer_ids if self.dspark is not None else ()
+        captured = {}
         try:
             for i, layer in enumerate(self.layers):
                 h = layer(h, batch, [st.layers[i] for st in states], self.ropes["compress"])
+                if i in taps:  # the DSpark draft's context: these layers' outputs
+                    captured[i] = h
+            if captured:
+                self.dspark.capture([captured[i] for i in taps], batch, states, self.ropes["main"])
         except BaseException:
             for st in states:
                 st.discard()
@@ -574,6 +609,12 @@ class Transformer(nn.Module):
         """Streams [T, n, D] -> float32 logits [T, V]."""
         x = ops.rms_norm(self.hc_head(h), self.norm, self.cfg.norm_eps)
         return F.linear(x, self.head).float()
+
+    def dspark_draft(self, state: SeqState, anchor: int, pick):
+        """The DSpark draft block after `state` (see `DSparkDraft.propose`)."""
+        if self.dspark is None:
+            raise RuntimeError("this checkpoint has no DSpark draft (no mtp.*.main_proj tensors)")
+        return self.dspark.propose(self, state, anchor, pick)
 
     def mtp_logits(self, h: torch.Tensor, next_tokens: torch.Tensor, batch: Batch, states: list[SeqState]):
         """Draft logits [T, V] for the token after `next_tokens`, from main streams h at `batch` positions.

@@ -8,6 +8,7 @@ skewed, so actual hit rates run higher), and prints the layout and the bound. It
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from .checkpoint import Checkpoint
 from .config import ModelConfig
 from .inspect import human, summarize
 from .memory import available_bytes
+from .prefix_cache import RAM_SHARE, RAM_SHARE_MAX, ram_share
 
 
 @dataclass
@@ -29,6 +31,7 @@ class Plan:
     ram_budget: int | None
     vram_budget: int | None
     cache_bytes: int  # routed experts that fit in RAM (and VRAM)
+    prompt_cache_bytes: int  # prompt snapshots (the server's prefix cache): prefix_cache.ram_share
     ram_gbs: float
     disk_gbs: float
 
@@ -90,10 +93,11 @@ def make_plan(ckpt: Checkpoint, cfg: ModelConfig, ram: int | None = None, vram: 
     per_token = s.expert_bytes * cfg.n_activated_experts // max(cfg.n_routed_experts, 1)
     head = ckpt.nbytes("head.weight")
     budget = ram if ram is not None else available_bytes()
-    cache = max(0, budget - s.dense_bytes - runtime_bytes) + (vram or 0)
+    prompts = ram_share(ram, available_bytes())
+    cache = max(0, budget - s.dense_bytes - runtime_bytes - prompts) + (vram or 0)
     # the embedding is read one row per token, not whole
     dense_read = s.dense_bytes - ckpt.nbytes("embed.weight")
-    return Plan(dense_read, s.expert_bytes, per_token, head, ram, vram, min(cache, s.expert_bytes),
+    return Plan(dense_read, s.expert_bytes, per_token, head, ram, vram, min(cache, s.expert_bytes), prompts,
                 measure_ram_gbs(), measure_disk_gbs(ckpt))  # fmt: skip
 
 
@@ -102,6 +106,7 @@ def render(plan: Plan, ckpt: Checkpoint, cfg: ModelConfig) -> str:
         ("dense weights (attention, shared experts, router, mHC, norms, head)", "RAM", plan.dense_bytes),
         ("routed experts cached", "VRAM + RAM" if plan.vram_budget else "RAM", plan.cache_bytes),
         ("routed experts read on demand", "disk (checkpoint shards)", plan.expert_bytes - plan.cache_bytes),
+        ("prompt snapshots (prefix cache of serve, or with --prompt-cache)", "RAM", plan.prompt_cache_bytes),
     ]
     out = [f"plan for {ckpt.path} ({cfg.n_layers} layers, {cfg.n_routed_experts} experts x {cfg.n_activated_experts} active)",
            f"budget: RAM {human(plan.ram_budget) if plan.ram_budget else 'all available'}"
@@ -114,5 +119,69 @@ def render(plan: Plan, ckpt: Checkpoint, cfg: ModelConfig) -> str:
         f"per token: {human(plan.dense_bytes)} dense + {human(plan.expert_bytes_per_token)} of experts, "
         f"expected cache hit rate >= {plan.hit_rate:.0%} (uniform routing)",
         f"bandwidth-bound decode: {plan.tokens_per_second:.2f} tokens/s",
+        f"RAM rule: the prefix cache holds 1/{RAM_SHARE} of the budget (at most {human(RAM_SHARE_MAX)}), "
+        "the expert cache what the dense weights, runtime and prefix cache leave",
+    ]
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------- expert parallelism (dsv4.distributed)
+
+
+@dataclass
+class Link:
+    """The network between ranks: one-way latency (s) and bandwidth (bytes/s) of rank 0's link."""
+
+    latency_s: float = 50e-6
+    bytes_per_s: float = 10e9 / 8
+
+
+def exchange_bytes(cfg: ModelConfig, tokens: int = 1, act_bytes: int = 2) -> tuple[int, int]:
+    """Bytes rank 0 sends to and gets from each other rank per MoE layer (dsv4.distributed's protocol):
+    header (3 int64) + ids (int64) and weights (fp32) [T, K], tokens [T] and x [T, D]; back fp32 [T, D]."""
+    k, d = cfg.n_activated_experts, cfg.dim
+    return 24 + tokens * (12 * k + 8 + d * act_bytes), tokens * d * 4
+
+
+def network_seconds_per_token(cfg: ModelConfig, ranks: int, link: Link, act_bytes: int = 2) -> float:
+    """One decoded token's time on the wire: per MoE layer three collectives (header, payload, reduce),
+    each ceil(log2 N) latencies deep, and rank 0's link carrying N-1 copies each way (star: an upper bound
+    on the bytes, the collective algorithm may spread them)."""
+    if ranks <= 1:
+        return 0.0
+    sent, got = exchange_bytes(cfg, 1, act_bytes)
+    hops = math.ceil(math.log2(ranks))
+    per_layer = 3 * hops * link.latency_s + (ranks - 1) * (sent + got) / link.bytes_per_s
+    return cfg.n_layers * per_layer
+
+
+def render_ranks(plan: Plan, cfg: ModelConfig, ranks: int, link: Link) -> str:
+    """Each rank's share and memory, and the decode bound with the network time added. Every rank reads
+    its experts in parallel (an active expert per token lives on one rank): the experts' time divides by N
+    when routing spreads evenly, the dense weights are read by rank 0 alone."""
+    share = plan.expert_bytes / ranks
+    per_rank_cache = min(share, max(0, plan.cache_bytes))  # each rank's own budget holds its own share
+    hit = per_rank_cache / share if share else 1.0
+    ram, disk = plan.ram_gbs * 1e9, plan.disk_gbs * 1e9
+    experts = plan.expert_bytes_per_token / ranks * (hit / ram + (1 - hit) / disk)
+    net = network_seconds_per_token(cfg, ranks, link)
+    compute = plan.dense_bytes / ram + experts
+    sent, got = exchange_bytes(cfg)
+    out = [
+        "",
+        f"expert parallel over {ranks} ranks (experts e % {ranks} on rank r; dense weights on every rank)",
+        "| rank | routed experts per layer | expert bytes | dense bytes | expected cache hit |",
+        "|---|---|---|---|---|",
+    ]
+    for r in range(ranks):
+        n = len(range(r, cfg.n_routed_experts, ranks))
+        out.append(f"| {r} | {n} of {cfg.n_routed_experts} | {human(int(plan.expert_bytes * n / cfg.n_routed_experts))} "
+                   f"| {human(plan.dense_bytes)} | {hit:.0%} |")  # fmt: skip
+    out += [
+        f"link: {link.latency_s * 1e6:.0f} us latency, {link.bytes_per_s * 8 / 1e9:.1f} Gbit/s (given: --link-latency, --link-gbps)",
+        f"per token and MoE layer: {sent} B out and {got} B back per other rank; {cfg.n_layers} layers",
+        f"per token: compute {compute * 1e3:.1f} ms (dense {plan.dense_bytes / ram * 1e3:.1f} ms on rank 0, "
+        f"experts {experts * 1e3:.1f} ms), network {net * 1e3:.2f} ms",
+        f"bandwidth-bound decode over {ranks} ranks: {1 / (compute + net):.2f} tokens/s",
     ]
     return "\n".join(out)

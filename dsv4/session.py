@@ -5,7 +5,9 @@ the V4 chat format; when the cached ids are a prefix of that rendering (chat mod
 while earlier reasoning stays in the prompt), only the new suffix is fed. When the rendering drops
 text the state already holds (the release drops earlier reasoning once a new user turn starts), the
 session starts a fresh state rather than answer from a different prompt. Either way the reply is
-what a from-scratch run on the rendered prompt gives.
+what a from-scratch run on the rendered prompt gives. With a `PrefixCache` (`dsv4 chat --prompt-cache`)
+each turn's state is kept there too, and a prompt the session's own state cannot continue (a resumed
+conversation, after /think or /reset) starts from the longest prefix the cache holds.
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ from .generate import Event, Result
 
 class ChatSession:
     def __init__(self, engine, *, thinking_mode: str = "chat", reasoning_effort: str | None = None,
-                 system: str | None = None, tools: list[dict] | None = None):  # fmt: skip
+                 system: str | None = None, tools: list[dict] | None = None, prefix_cache=None):  # fmt: skip
         self.engine = engine
+        self.prefix_cache = prefix_cache
         self.thinking_mode = thinking_mode
         self.reasoning_effort = reasoning_effort
         self.tools = tools
@@ -49,6 +52,9 @@ class ChatSession:
         else:
             self.reset_state()
             reused = 0
+            found = self.prefix_cache.lookup(ids) if self.prefix_cache is not None else None
+            if found is not None:
+                self.state, reused = found
         finished = False
         try:
             yield from self.engine.stream(ids, state=self.state, reused=reused, **params)
@@ -60,6 +66,8 @@ class ChatSession:
             self.cached = (ids + seq.output)[: self.state.pos] if finished else []
             if not self.cached:
                 self.reset_state()
+            elif self.prefix_cache is not None:
+                self.prefix_cache.insert(self.cached, self.state)
             self.last_result: Result = seq.result()
             reply = parse_completion(seq.text.text, thinking_mode=self.thinking_mode)
             msg: dict[str, Any] = {"role": "assistant", "content": reply.content}
@@ -68,6 +76,20 @@ class ChatSession:
             if reply.tool_calls:
                 msg["tool_calls"] = [c.to_openai() for c in reply.tool_calls]
             self.messages.append(msg)
+
+    def load(self, path: str | Path) -> None:
+        """Continue a conversation written by `save` (its state comes from the prefix cache, if any)."""
+        data = json.loads(Path(path).read_text())
+        if not isinstance(data, dict) or not isinstance(data.get("messages"), list):
+            raise ValueError(f"{path} is not a conversation saved with /save (no 'messages' list)")
+        self.thinking_mode = data.get("thinking_mode", self.thinking_mode)
+        self.messages = data["messages"]
+        self.reset_state()
+
+    def close(self) -> None:
+        """Finish writing the prefix cache's snapshots."""
+        if self.prefix_cache is not None:
+            self.prefix_cache.flush()
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps({"thinking_mode": self.thinking_mode, "messages": self.messages}, indent=1,

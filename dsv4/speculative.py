@@ -1,4 +1,15 @@
-"""MTP speculative decoding for one sequence.
+"""Speculative decoding for one sequence: the preview's MTP layer, or the 0731-style DSpark draft.
+
+`speculative_events` picks what the checkpoint has. Both keep the output exactly the target's: greedy
+keeps a draft iff it is the target's argmax, sampling keeps d ~ q with probability min(1, p(d)/q(d)) and
+otherwise draws from the residual max(0, p - q) (speculative rejection sampling).
+
+DSpark: the draft proposes B tokens after the anchor (the target's last sampled token); the target runs
+once on [anchor, d_0 .. d_{B-1}], the longest accepted prefix is kept plus one token of the target's
+own (a correction, or a bonus when all B pass), and `SeqState.rollback` forgets the rest (the target's
+window, compressor and indexer rows, and the draft's context rings, which that step also wrote).
+
+MTP:
 
 The checkpoint's MTP block drafts the token after next from the main model's last streams; the main
 model then checks the draft and its own next token in one two-token step. Greedy: a draft is kept
@@ -12,6 +23,7 @@ token before the draft) stays in the state, and its streams feed the next draft.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from functools import partial
 
 import torch
 
@@ -25,11 +37,76 @@ def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return r / total if total > 0 else p
 
 
+def accept_probability(p: torch.Tensor, q: torch.Tensor, d: int) -> float:
+    """The chance to keep a draft d drawn from q when the target's distribution is p: min(1, p(d)/q(d))."""
+    return min(1.0, float(p[d] / q[d]))
+
+
 @torch.inference_mode()
 def speculative_events(engine, seq: Sequence) -> Iterator[Event]:
+    """The checkpoint's own draft: DSpark when it has one, else the MTP layer."""
+    try:
+        if engine.model.dspark is not None:
+            yield from dspark_events(engine, seq)
+        else:
+            yield from mtp_events(engine, seq)
+    finally:
+        engine.note_speculation(seq.stats)
+
+
+def dspark_events(engine, seq: Sequence) -> Iterator[Event]:
+    model, state, sampler = engine.model, seq.state, seq.sampler
+    greedy, b = sampler.params.greedy, model.dspark.block_size
+    if state.max_rollback < b + 1:
+        raise ValueError(f"DSpark blocks of {b} need states that can roll back {b + 1} tokens (max_rollback {state.max_rollback})")
+    last = engine.step([seq.pending], [state])[0][-1]  # the prompt; its captures fill the draft's rings
+    tok = sampler.sample(last)
+    ev = seq.append(tok, last)
+    yield ev
+    while ev.finish_reason is None:
+        qs: list[torch.Tensor] = []  # the distribution each draft was drawn from
+        drafts = model.dspark_draft(state, tok, partial(_pick, sampler, qs)).tokens
+        logits = engine.step([[tok, *drafts]], [state], all_logits=True)[0]  # [B + 1, V]: row i checks d_i
+        seq.stats.draft_tokens += b
+        seq.stats.draft_rounds += 1
+        kept, new = 0, None
+        for i, d in enumerate(drafts):
+            p = sampler.probs(logits[i])
+            if greedy:
+                ok = int(p.argmax()) == d
+            else:
+                ok = sampler.uniform() < accept_probability(p, qs[i], d)
+            if not ok:
+                new = int(p.argmax()) if greedy else sampler.draw(residual(p, qs[i]))
+                break
+            seq.stats.accepted_tokens += 1
+            kept += 1
+            ev = seq.append(d, logits[i])
+            yield ev
+            if ev.finish_reason is not None:
+                break
+        if ev.finish_reason is not None:  # the state keeps what plain decoding would: not the last token
+            state.rollback(b - kept + 1)
+            break
+        if new is None:  # every draft passed: the target's bonus token
+            new = sampler.sample(logits[b])
+        state.rollback(b - kept)  # keep the anchor and the accepted drafts
+        ev = seq.append(new, logits[kept])
+        yield ev
+        tok = new
+
+
+def _pick(sampler, qs: list[torch.Tensor], row: torch.Tensor) -> int:
+    """Choose a draft from its logits row as the sampler would (argmax when greedy); remember q."""
+    q = sampler.probs(row)
+    qs.append(q)
+    return int(q.argmax()) if sampler.params.greedy else sampler.draw(q)
+
+
+def mtp_events(engine, seq: Sequence) -> Iterator[Event]:
     model, state, sampler = engine.model, seq.state, seq.sampler
     if not model.mtp:
-        raise ValueError("speculative decoding needs the checkpoint's MTP layer (no mtp.* tensors found)")
+        raise ValueError("speculative decoding needs the checkpoint's MTP layer or DSpark draft (no mtp.* tensors found)")
     ids = seq.pending
     batch = model.make_batch([ids], [state])
     h = model(batch, [state])
@@ -47,10 +124,11 @@ def speculative_events(engine, seq: Sequence) -> Iterator[Event]:
         logits = model.logits_from(h)
         p = sampler.probs(logits[0])
         seq.stats.draft_tokens += 1
+        seq.stats.draft_rounds += 1
         if sampler.params.greedy:
             keep = int(p.argmax()) == d
         else:
-            keep = sampler.uniform() < min(1.0, float(p[d] / q[d]))
+            keep = sampler.uniform() < accept_probability(p, q, d)
         if keep:
             seq.stats.accepted_tokens += 1
             ev = seq.append(d, logits[0])

@@ -135,26 +135,30 @@ class LayerState:
         return LayerState(self.window.clone(), self.span,
                           *(None if c is None else c.clone(pos) for c in (self.comp, self.index)))  # fmt: skip
 
-    def live(self, pos: int) -> dict[str, torch.Tensor]:
-        """What continuing from `pos` needs, in position order."""
-        out = {"window": self.window.read(max(pos - self.span, 0), pos)}
+    def live(self, pos: int, room: int = 0) -> dict[str, torch.Tensor]:
+        """What continuing from `pos` needs, in position order; with `room`, also what continuing
+        from any of the `room` positions before it needs (so a loaded state can still roll back)."""
+        out = {"window": self.window.read(max(pos - room - self.span, 0), pos)}
         for k, c in self.compressors():
-            out[f"{k}.rows"] = c.rows.read(c.start(pos), pos)
+            out[f"{k}.rows"] = c.rows.read(c.start(pos - room), pos)
             out[f"{k}.entries"] = c.entries.view(pos // c.ratio)
         return out
 
-    def load(self, pos: int, d: dict[str, torch.Tensor], where: str) -> None:
-        want = self.live(pos)
+    def load(self, pos: int, d: dict[str, torch.Tensor], where: str, room: int = 0) -> None:
+        want = {k: t.shape for k, t in self.live(pos, room).items()}
+        for k, c in self.compressors():  # a fresh entry buffer is shorter than what it will hold
+            want[f"{k}.entries"] = torch.Size((pos // c.ratio, c.entries.buf.shape[1]))
+        dtypes = {k: t.dtype for k, t in self.live(pos, room).items()}
         if set(d) != set(want):
             raise ValueError(f"{where}: state tensors {sorted(d)}, expected {sorted(want)}")
         for k, t in d.items():
-            if t.shape != want[k].shape or t.dtype != want[k].dtype:
+            if t.shape != want[k] or t.dtype != dtypes[k]:
                 raise ValueError(f"{where}.{k}: shape {tuple(t.shape)} {t.dtype}, expected "
-                                 f"{tuple(want[k].shape)} {want[k].dtype}")  # fmt: skip
+                                 f"{tuple(want[k])} {dtypes[k]}")  # fmt: skip
         dev = self.window.buf.device
-        self.window.write(max(pos - self.span, 0), d["window"].to(dev))
+        self.window.write(max(pos - room - self.span, 0), d["window"].to(dev))
         for k, c in self.compressors():
-            c.rows.write(c.start(pos), d[f"{k}.rows"].to(dev))
+            c.rows.write(c.start(pos - room), d[f"{k}.rows"].to(dev))
             c.entries.write(0, d[f"{k}.entries"].to(dev))
 
 
@@ -174,8 +178,8 @@ class SeqState:
         return self.layers + self.mtp
 
     def advance(self, n: int) -> None:
-        """Commit the staged writes of a step of n tokens."""
-        for ls in self.layers:
+        """Commit the staged writes of a step of n tokens (a DSpark draft's context rings included)."""
+        for ls in self._all():
             ls.commit()
         self.pos += n
         self.room = min(self.max_rollback, self.room + n)
@@ -203,11 +207,12 @@ class SeqState:
         self.layers, self.mtp, self.pos, self.room = copy.layers, copy.mtp, copy.pos, copy.room
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """The live content under stable names (`layers.3.comp.entries`, ...), plus `pos`."""
-        out = {"pos": torch.tensor(self.pos, dtype=torch.int64)}
+        """The live content under stable names (`layers.3.comp.entries`, ...), plus `pos` and `room`:
+        what continuing from `pos`, or from any of the `room` positions `rollback` may return to, needs."""
+        out = {"pos": torch.tensor(self.pos, dtype=torch.int64), "room": torch.tensor(self.room, dtype=torch.int64)}
         for group, states in (("layers", self.layers), ("mtp", self.mtp)):
             for i, ls in enumerate(states):
-                for k, t in ls.live(self.pos).items():
+                for k, t in ls.live(self.pos, self.room).items():
                     out[f"{group}.{i}.{k}"] = t.contiguous()
         return out
 
@@ -217,10 +222,13 @@ class SeqState:
             raise ValueError("load_tensors needs a fresh state (pos 0)")
         if "pos" not in d:
             raise ValueError("state tensors lack 'pos'")
-        pos = int(d["pos"])
+        pos, room = int(d["pos"]), int(d.get("room", 0))
+        if not 0 <= room <= min(pos, self.max_rollback):
+            raise ValueError(f"state tensors: room {room}, expected 0..{min(pos, self.max_rollback)} "
+                             f"(pos {pos}, max_rollback {self.max_rollback})")  # fmt: skip
         by_layer: dict[str, dict[str, torch.Tensor]] = {}
         for name, t in d.items():
-            if name != "pos":
+            if name not in ("pos", "room"):
                 group, i, key = name.split(".", 2)
                 by_layer.setdefault(f"{group}.{i}", {})[key] = t
         want = {f"{g}.{i}" for g, states in (("layers", self.layers), ("mtp", self.mtp)) for i in range(len(states))}
@@ -228,8 +236,8 @@ class SeqState:
             raise ValueError(f"state tensors cover layers {sorted(by_layer)}, expected {sorted(want)}")
         for group, states in (("layers", self.layers), ("mtp", self.mtp)):
             for i, ls in enumerate(states):
-                ls.load(pos, by_layer[f"{group}.{i}"], f"{group}.{i}")
-        self.pos, self.room = pos, 0
+                ls.load(pos, by_layer[f"{group}.{i}"], f"{group}.{i}", room)
+        self.pos, self.room = pos, room
 
     def nbytes(self) -> int:
         """Bytes allocated for this state."""

@@ -89,7 +89,7 @@ def random_weights(cfg: ModelConfig, seed: int = 0, with_mtp: bool = True, *, ge
     """Every tensor of the config (or those in `only`), drawn so activations stay O(1) (fp32)."""
     g = generator if generator is not None else torch.Generator().manual_seed(seed)
     out: dict[str, torch.Tensor] = {}
-    specs = only if only is not None else expected_tensors(cfg, with_mtp=with_mtp)
+    specs = only if only is not None else expected_tensors(cfg, **_draft_kind(cfg, with_mtp))
     for name, spec in specs.items():
         shape = spec.shape
         if name.endswith("tid2eid"):
@@ -97,7 +97,7 @@ def random_weights(cfg: ModelConfig, seed: int = 0, with_mtp: bool = True, *, ge
             out[name] = torch.stack(rows).long()
         elif spec.kind == "linear" or name.endswith(("wkv.weight", "wgate.weight", "weights_proj.weight")):
             out[name] = torch.randn(shape, generator=g) / math.sqrt(shape[1])
-        elif name.endswith("gate.weight"):
+        elif name.endswith(("gate.weight", "markov_w1.weight", "markov_w2.weight", "confidence_head.proj.weight")):
             out[name] = torch.randn(shape, generator=g) / math.sqrt(shape[1])
         elif name.endswith(("norm.weight",)):
             out[name] = 1.0 + 0.1 * torch.randn(shape, generator=g)
@@ -129,7 +129,7 @@ def write_checkpoint(path: str | Path, raw_cfg: dict[str, Any], weights: dict[st
     path.mkdir(parents=True, exist_ok=True)
     cfg = ModelConfig.from_dict(raw_cfg)
     with_mtp = any(n.startswith("mtp.") for n in weights) if weights else cfg.n_mtp_layers > 0
-    specs = expected_tensors(cfg, with_mtp=with_mtp)
+    specs = expected_tensors(cfg, **_draft_kind(cfg, with_mtp))
     g = torch.Generator().manual_seed(seed)
     names = sorted(specs)
     if shard_bytes is None:
@@ -175,6 +175,15 @@ def write_checkpoint(path: str | Path, raw_cfg: dict[str, Any], weights: dict[st
     (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
     (path / "config.json").write_text(json.dumps(raw_cfg, indent=1))
     return seen
+
+
+def _draft_kind(cfg: ModelConfig, with_draft: bool) -> dict[str, Any]:
+    """expected_tensors' draft arguments: a DSpark config gets its stages (3 unless compress_ratios lists
+    them), any other the preview's MTP layer."""
+    if not cfg.dspark:
+        return {"with_mtp": with_draft}
+    stages = len(cfg.draft_compress_ratios) if len(cfg.draft_compress_ratios) > 1 else 3
+    return {"with_mtp": False, "dspark_stages": stages if with_draft else 0}
 
 
 def _quantized(spec: Spec, fp8: bool, fp4: bool) -> bool:

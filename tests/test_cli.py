@@ -2,6 +2,8 @@
 
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pexpect
 import pytest
@@ -63,6 +65,7 @@ def test_inspect(tiny_ckpt):
     r = run("inspect", "--model", tiny_ckpt("flash").path)
     assert r.returncode == 0
     assert "4 layers" in r.stdout and "MXFP4" in r.stdout and "active per token" in r.stdout and "[SCHC]" in r.stdout
+    assert "release      V4 preview (MTP draft); chat format preview" in r.stdout
 
 
 def test_chat_in_a_terminal(tiny_ckpt, tmp_path):
@@ -98,3 +101,44 @@ def test_chat_ctrl_c_stops_the_reply(tiny_ckpt):
     child.expect(">>> ")  # still in the chat
     child.sendeof()
     child.expect(pexpect.EOF)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_answers_up_to_the_context_without_max_tokens(tiny_ckpt):
+    """`dsv4 serve`: a request without max_tokens is not cut at run's --max-tokens default; the cap is a
+    flag shown in --help."""
+    import httpx
+
+    port = _free_port()
+    proc = subprocess.Popen([*DSV4, "serve", "--model", str(tiny_ckpt("vocab").path), "--port", str(port),
+                             "--max-context", "300", "--max-ram", "none", "--log-level", "warning"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(600):
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None, proc.stderr.read()
+            time.sleep(0.1)
+        body = {"model": Path(tiny_ckpt("vocab").path).name, "messages": [{"role": "user", "content": "Hi"}],
+                "temperature": 0, "ignore_eos": True}  # fmt: skip
+        r = httpx.post(url + "/v1/chat/completions", json=body, timeout=300)
+        assert r.status_code == 200, r.text
+        usage = r.json()["usage"]
+        assert usage["completion_tokens"] > 256 and usage["prompt_tokens"] + usage["completion_tokens"] == 300
+        assert r.json()["choices"][0]["finish_reason"] == "length"
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    flag_help = run("serve", "--help").stdout.split("\n  --max-tokens", 1)[1].split("\n  --", 1)[0]
+    assert "context" in flag_help, flag_help

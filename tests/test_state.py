@@ -126,7 +126,9 @@ def test_snapshot_restore_and_tensors_continue_exactly(engine, at):
     _continue(engine, state, ids[:at])
     snap = state.snapshot()
     saved = {k: v.clone() for k, v in state.tensors().items()}
-    assert state.live_nbytes() == sum(t.nbytes for t in saved.values()) and state.nbytes() >= state.live_nbytes()
+    assert (
+        state.live_nbytes() == sum(t.nbytes for t in saved.values()) and state.nbytes() >= state.live_nbytes()
+    )
     assert_same(engine, _continue(engine, state, ids[at:]), want)  # uninterrupted
     state.restore(snap)  # back to `at`, and the snapshot is still intact afterwards
     assert_same(engine, _continue(engine, state, ids[at:]), want)
@@ -138,7 +140,9 @@ def test_snapshot_restore_and_tensors_continue_exactly(engine, at):
     assert_same(engine, _continue(engine, fresh, ids[at:]), want)
 
 
-@pytest.mark.parametrize("at,fed,back", [(30, 6, 6), (30, 6, 2), (14, 3, 3), (31, 2, 1), (7, 8, 8), (60, 5, 4)])
+@pytest.mark.parametrize(
+    "at,fed,back", [(30, 6, 6), (30, 6, 2), (14, 3, 3), (31, 2, 1), (7, 8, 8), (60, 5, 4)]
+)
 def test_rollback_forgets_tokens_exactly(engine, at, fed, back):
     """Feed `fed` wrong tokens after `at`, forget `back` of them, continue: as if never fed."""
     ids = token_ids(90, engine.config.vocab_size, seed=at + fed)
@@ -177,7 +181,9 @@ def test_a_step_that_raises_leaves_the_state_unchanged(engine, monkeypatch):
 
     monkeypatch.setattr(layer.ffn, "forward", fail)
     with pytest.raises(RuntimeError, match="injected"):
-        _continue(engine, state, token_ids(30, engine.config.vocab_size, seed=8))  # writes every earlier layer
+        _continue(
+            engine, state, token_ids(30, engine.config.vocab_size, seed=8)
+        )  # writes every earlier layer
     monkeypatch.undo()
     assert state.pos == 40
     assert_same(engine, _continue(engine, state, ids[40:]), want)
@@ -195,3 +201,25 @@ def test_loading_mismatched_state_tensors_is_a_clear_error(engine, tiny_ckpt):
     other = dsv4.load(tiny_ckpt("flash").path, dtype=torch.float32)
     with pytest.raises(ValueError, match="expected"):
         other.new_state().load_tensors(saved)
+
+
+@pytest.mark.parametrize("at,back", [(17, 1), (16, 3), (33, 8), (8, 8), (63, 2), (150, 5)])
+def test_saved_tensors_keep_the_rollback_room(engine, at, back):
+    """A state loaded from `tensors()` can still forget its last tokens (a prefix cache restores a
+    prompt's snapshot and rolls back to where a new prompt diverges)."""
+    ids = token_ids(
+        at + 20, engine.config.vocab_size, seed=at + back
+    )  # 150: more entries than a fresh buffer
+    want = engine.logits(ids)[at - back :]
+    state = engine.new_state()
+    _continue(engine, state, ids[:at])
+    saved = state.tensors()
+    assert int(saved["room"]) == min(at, state.max_rollback)
+    fresh = engine.new_state()
+    fresh.load_tensors(saved)
+    fresh.rollback(back)
+    assert fresh.pos == at - back
+    assert_same(engine, _continue(engine, fresh, ids[at - back :]), want)
+    bad = {**saved, "room": torch.tensor(at + 1)}
+    with pytest.raises(ValueError, match="room"):
+        engine.new_state().load_tensors(bad)

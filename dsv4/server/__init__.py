@@ -1,7 +1,7 @@
 """`dsv4 serve`: an OpenAI-compatible HTTP server with continuous batching and a web chat page.
 
-`add_serve_parser(subparsers, common_parent)` declares the subcommand (the parent brings --model,
---device, --dtype, --numerics, --max-ram/--max-vram and the sampling flags, which become the server's defaults for requests
+`add_serve_parser(subparsers, common_parent)` declares the subcommand and its server flags (the parent
+brings the model flags; the CLI adds the sampling flags, which become the server's defaults for requests
 that leave them out); `serve(args)` loads the model and runs uvicorn. The app itself is
 `dsv4.server.app.create_app`. FastAPI and uvicorn are imported only when serving.
 """
@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 
 def add_serve_parser(subparsers, common_parent: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -38,27 +37,20 @@ def add_serve_parser(subparsers, common_parent: argparse.ArgumentParser) -> argp
     g.add_argument(
         "--max-body-bytes", type=int, default=4 << 20, help="largest request body (default: 4 MiB)"
     )
+    g.add_argument("--prompt-cache-ram", default="auto",
+                   help="RAM for prompt snapshots reused across requests; 0 turns the prefix cache off "
+                        "(default: auto, 1/16 of --max-ram or of the free memory, at most 4G)")  # fmt: skip
     g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     sp.set_defaults(fn=serve)
     return sp
 
 
 def _sampling_defaults(args: argparse.Namespace) -> dict:
-    names = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed")
+    names = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed")
     out = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
     if getattr(args, "stop", None):
         out["stop"] = list(args.stop)
     return out
-
-
-def _model_dir(args: argparse.Namespace) -> Path:
-    if args.model is not None:
-        return Path(args.model)
-    from ..cli import DEMO_DIR  # the bundled demo model, as `dsv4 run` uses it
-
-    if (DEMO_DIR / "config.json").exists():
-        return DEMO_DIR
-    raise FileNotFoundError("no --model given and no bundled demo model in this install: pass --model DIR")
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -67,25 +59,33 @@ def serve(args: argparse.Namespace) -> int:
 
     import dsv4
 
+    from ..loader import model_dir
+    from ..prefix_cache import for_engine
     from .app import create_app
 
     for flag in ("max_running", "max_queue", "max_step_tokens", "max_body_bytes"):
         if getattr(args, flag) < (0 if flag == "max_queue" else 1):
             raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
-    if getattr(args, "speculative", False):
-        print("dsv4 serve: --speculative is ignored (the server batches many sequences)", file=sys.stderr)
-    path = _model_dir(args)
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise ValueError(f"--max-tokens must be positive, got {args.max_tokens}")
+    path = model_dir(args.model)
     budgets = {k: getattr(args, k) for k in ("max_ram", "max_vram", "cache_policy") if getattr(args, k, None) is not None}
-    engine = dsv4.load(path, device=args.device, dtype=args.dtype, numerics=args.numerics, **budgets)
+    engine = dsv4.load(path, device=args.device, dtype=args.dtype, numerics=args.numerics, prompt_cache=True,
+                       **budgets)  # fmt: skip
+    cache = for_engine(engine, disk_dir=getattr(args, "prompt_cache", None), ram=args.prompt_cache_ram,
+                       disk=getattr(args, "prompt_cache_size", None))  # fmt: skip
     name = args.model_name or path.resolve().name
     app = create_app(engine, model_name=name, api_key=args.api_key, max_queue=args.max_queue,
                      max_running=args.max_running, max_body_bytes=args.max_body_bytes,
                      max_context=args.max_context, max_step_tokens=args.max_step_tokens,
-                     sampling_defaults=_sampling_defaults(args))  # fmt: skip
+                     default_max_tokens=args.max_tokens, sampling_defaults=_sampling_defaults(args),
+                     prefix_cache=cache)  # fmt: skip
     print(f"dsv4 serve: {name} on http://{args.host}:{args.port}/ (API at /v1, metrics at /metrics)",
           file=sys.stderr, flush=True)  # fmt: skip
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     finally:
         app.state.server.worker.close()
+        if cache is not None:
+            cache.flush(timeout=30)  # snapshots still being written
     return 0

@@ -161,22 +161,24 @@ def _add_service_routes(app: FastAPI, srv: Server) -> None:
 
 def create_app(engine, *, model_name: str, api_key: str | None = None, max_queue: int = 64,
                max_running: int = 16, max_body_bytes: int = 4 << 20, max_context: int | None = None,
-               max_step_tokens: int = 256, default_max_tokens: int = 4096,
-               sampling_defaults: dict[str, Any] | None = None) -> FastAPI:  # fmt: skip
+               max_step_tokens: int = 256, default_max_tokens: int | None = None,
+               sampling_defaults: dict[str, Any] | None = None, prefix_cache=None) -> FastAPI:  # fmt: skip
     """The app serving `engine` as `model_name`.
 
     max_running sequences decode together; up to max_queue more wait; beyond that requests get a 429.
     The context is the model's max_seq_len, or max_context if smaller; a request without max_tokens
-    gets the room left, at most default_max_tokens (or sampling_defaults["max_tokens"]).
+    gets the room left in the context, at most default_max_tokens when given (`dsv4 serve --max-tokens`).
     sampling_defaults (SamplingParams fields) fill what a request leaves out. The generation thread
     starts here and runs until `app.state.server.worker.close()` (a daemon thread: it never holds the
     process open); app lifespans are left alone, so test clients that run them do not stop it.
+    prefix_cache (a `dsv4.prefix_cache.PrefixCache`) lets requests reuse earlier prompts' states.
     """
     context = min(engine.config.max_seq_len, max_context or engine.config.max_seq_len)
     limits = Limits(
         context=context, default_max_tokens=default_max_tokens, defaults=dict(sampling_defaults or {})
     )
-    worker = Worker(engine, max_running=max_running, max_queue=max_queue, max_step_tokens=max_step_tokens)
+    worker = Worker(engine, max_running=max_running, max_queue=max_queue, max_step_tokens=max_step_tokens,
+                    prefix_cache=prefix_cache)  # fmt: skip
     srv = Server(engine, worker, model_name=model_name, limits=limits)
 
     app = FastAPI(title="dsv4", summary="DeepSeek V4: an OpenAI-compatible API", redoc_url=None)

@@ -134,6 +134,16 @@ def render(requests: RequestCounts, worker, engine) -> str:
             [({}, worker.failures)])  # fmt: skip
     _metric(out, "dsv4_process_resident_memory_bytes", "gauge", "Resident memory of the server process.",
             [({}, rss_bytes())])  # fmt: skip
+    cache = getattr(worker, "prefix_cache", None)
+    if cache is not None:
+        fig = cache.summary()
+        for key, kind, help in [("lookups", "counter", "Prompts looked up in the prefix cache."),
+                                ("hits", "counter", "Prompts that restored a cached prefix."),
+                                ("tokens_saved", "counter", "Prompt tokens restored instead of prefilled.")]:  # fmt: skip
+            _metric(out, f"dsv4_prefix_cache_{key}_total", kind, help, [({}, fig[key])])
+        _metric(out, "dsv4_prefix_cache_bytes", "gauge", "Bytes of prefix snapshots held, by tier.",
+                [({"tier": "ram"}, fig["ram_bytes"]), ({"tier": "disk"}, fig["disk_bytes"])])  # fmt: skip
+        _metric(out, "dsv4_prefix_cache_entries", "gauge", "Prefix snapshots indexed.", [({}, fig["entries"])])
     for name, value in sorted(engine_figures(engine).items()):
         _metric(out, name, "gauge", "From the engine's stats().", [({}, value)])
     return "\n".join(out) + "\n"

@@ -25,10 +25,11 @@ MIN_REPETITION_PENALTY = 1e-3
 
 @dataclass
 class Limits:
-    """What the server admits: the context (prompt + completion tokens) and the default completion size."""
+    """What the server admits: the context (prompt + completion tokens) and the cap on a completion whose
+    request gives no max_tokens (None: up to the context, as OpenAI-compatible servers do)."""
 
     context: int
-    default_max_tokens: int = 4096
+    default_max_tokens: int | None = None
     defaults: dict[str, Any] = field(default_factory=dict)  # SamplingParams fields from the CLI
 
 
@@ -47,7 +48,7 @@ def completion_budget(prompt_len: int, asked: int | None, limits: Limits, param:
                        param="messages" if param == "max_completion_tokens" else "prompt",
                        code="context_length_exceeded")  # fmt: skip
     if asked is None:
-        return min(limits.defaults.get("max_tokens", limits.default_max_tokens), room)
+        return room if limits.default_max_tokens is None else min(limits.default_max_tokens, room)
     if asked > room:
         raise APIError(400, f"{param}={asked} does not fit: the prompt is {prompt_len} tokens and the context "
                        f"{limits.context}, so at most {room} tokens can be generated",

@@ -44,7 +44,9 @@ class Call:
         if self.thinking:
             reasoning = sum(s.output.index(self.think_end_id) if self.think_end_id in s.output else len(s.output)
                             for s in self.ticket.seqs)  # fmt: skip
-        return usage(sum(self.prompt_lens), out, reasoning)
+        per_prompt = len(self.ticket.seqs) // max(len(self.prompt_lens), 1)  # the n choices of each prompt
+        cached = sum(s.stats.reused_tokens for s in self.ticket.seqs[::per_prompt]) if per_prompt else 0
+        return usage(sum(self.prompt_lens), out, reasoning, cached)
 
 
 async def _watch(receive, ticket: Ticket) -> None:

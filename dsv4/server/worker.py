@@ -8,7 +8,12 @@ sequences may be in flight, beyond that `submit` raises `QueueFull` instead of q
 
 A forward pass that raises fails only the sequences that cause it: a step is atomic (a forward that
 raises leaves its states as they were), each sequence of that step is tried alone on a snapshot, and only those that fail alone end, with finish_reason
-"error". It knows nothing of HTTP, JSON or the chat format.
+"error".
+
+With a `PrefixCache`, the worker thread looks every new sequence's prompt up before it joins the
+scheduler (a hit restores the state and leaves only the rest of the prompt to feed), and after each
+step keeps snapshots of prompts at the cache's boundaries and of finished sequences' prompt + output.
+It knows nothing of HTTP, JSON or the chat format.
 """
 
 from __future__ import annotations
@@ -67,8 +72,11 @@ def _put_all(batch: list[tuple[asyncio.Queue, Event]]) -> None:
 class Worker:
     """Owns the Scheduler and its thread. `submit` and `cancel` are called from the event loop."""
 
-    def __init__(self, engine, *, max_running: int = 16, max_queue: int = 64, max_step_tokens: int = 256):
+    def __init__(self, engine, *, max_running: int = 16, max_queue: int = 64, max_step_tokens: int = 256,
+                 prefix_cache=None):  # fmt: skip
         self.engine = engine
+        self.prefix_cache = prefix_cache
+        self._incoming: list[Sequence] = []  # submitted, not yet looked up in the prefix cache
         self._guard = _GuardedEngine(engine)
         self.scheduler = Scheduler(self._guard, max_step_tokens=max_step_tokens, max_running=max_running)
         self.capacity = max_running + max(0, max_queue)
@@ -101,7 +109,10 @@ class Worker:
                 self._sinks[s.id] = _Sink(loop, queue)
                 self._seqs[s.id] = s
                 self.prompt_tokens += len(s.prompt_ids)
-                self.scheduler.add(s)
+                if self.prefix_cache is not None:
+                    self._incoming.append(s)
+                else:
+                    self.scheduler.add(s)
             self._cv.notify()
         return Ticket(self, seqs, queue)
 
@@ -111,6 +122,7 @@ class Worker:
             for i in seq_ids:
                 self._sinks.pop(i, None)
                 self._seqs.pop(i, None)
+            self._incoming = [s for s in self._incoming if s.id not in seq_ids]
         for i in seq_ids:
             self.scheduler.cancel(i)
 
@@ -124,7 +136,7 @@ class Worker:
 
     @property
     def waiting(self) -> int:
-        return len(self.scheduler.waiting)
+        return len(self.scheduler.waiting) + len(self._incoming)
 
     @property
     def alive(self) -> bool:
@@ -150,16 +162,51 @@ class Worker:
     def _run(self) -> None:
         while True:
             with self._cv:
-                while not self._closed and not self.scheduler.busy:
+                while not self._closed and not self.scheduler.busy and not self._incoming:
                     self._cv.wait()
                 if self._closed:
                     return
+                incoming, self._incoming = self._incoming, []
+            for s in incoming:
+                self._reuse(s)
             self._guard.reset()
             try:
                 events = self.scheduler.step()
             except Exception as exc:
                 events = self._isolate(exc)
+            else:
+                self._remember(events)
             self._deliver(events)
+
+    def _reuse(self, s: Sequence) -> None:
+        """Start a new sequence from the longest cached prefix of its prompt, then schedule it."""
+        try:
+            found = self.prefix_cache.lookup(s.prompt_ids)
+        except Exception:  # a cache fault costs a prefill, never the request
+            log.exception("prompt cache lookup failed for sequence %d", s.id)
+            found = None
+        if found is not None:
+            s.state, n = found
+            s.pending, s.stats.reused_tokens = s.prompt_ids[n:], n
+        self.scheduler.add(s)
+
+    def _remember(self, events: list[Event]) -> None:
+        """After a step: snapshots of prompts at the cache's boundaries and of finished sequences."""
+        if self.prefix_cache is None:
+            return
+        with self._cv:
+            by_state = {id(s.state): s for s in self._seqs.values()}
+            done = [self._seqs.get(ev.seq_id) for ev in events if ev.finish_reason in ("stop", "length")]
+        try:
+            for toks, st in self._guard.fed:
+                s = by_state.get(id(st))
+                if s is not None and self.prefix_cache.boundary(st.pos - len(toks), st.pos, len(s.prompt_ids)):
+                    self.prefix_cache.insert(s.prompt_ids[: st.pos], st)
+            for s in done:
+                if s is not None and s.state.pos > len(s.prompt_ids):
+                    self.prefix_cache.insert((s.prompt_ids + s.output)[: s.state.pos], s.state)
+        except Exception:
+            log.exception("prompt cache: keeping a snapshot failed")
 
     def _deliver(self, events: list[Event]) -> None:
         now = time.monotonic()

@@ -1,0 +1,176 @@
+"""The prefix cache: a restored prefix continues exactly (in RAM, from disk, after a divergence inside the
+rollback room), bad files are skipped and never change an answer, the RAM and disk caps hold."""
+
+import logging
+
+import pytest
+import torch
+from conftest import rel_err, token_ids
+
+import dsv4
+from dsv4.prefix_cache import PrefixCache, for_engine, model_identity, prefill
+
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module", params=["small", "flash"])
+def engine(request, tiny_ckpt):
+    return dsv4.load(tiny_ckpt(request.param).path, dtype=torch.float32)
+
+
+def _cache(engine, tmp_path, **kw):
+    kw.setdefault("ram_bytes", 1 << 30)
+    return PrefixCache(
+        model_identity(engine), engine.new_state, disk_dir=tmp_path, every=kw.pop("every", 16), **kw
+    )
+
+
+def _fed(engine, ids):
+    state = engine.new_state()
+    engine.step([ids], [state])
+    return state
+
+
+def _continue_from(engine, state, ids, n):
+    """Logits of positions n.. of ids, continuing `state` (which holds ids[:n])."""
+    assert state.pos == n
+    return engine.step([ids[n:]], [state], all_logits=True)[0]
+
+
+# "small": windows of 16, compression ratios 4 and 8; "flash": window 128, ratios 4 and 128
+@pytest.mark.parametrize("at", [4, 7, 8, 9, 16, 17, 31, 33])
+def test_restored_prefix_continues_exactly_from_ram_and_disk(engine, tmp_path, at):
+    ids = token_ids(48, engine.config.vocab_size, seed=at)
+    want = engine.logits(ids)
+    cache = _cache(engine, tmp_path)
+    cache.insert(ids[:at], _fed(engine, ids[:at]))
+    state, n = cache.lookup(ids)
+    assert n == at
+    assert rel_err(_continue_from(engine, state, ids, n), want[n:]).max() <= TOL
+    cache.flush()
+    restarted = _cache(engine, tmp_path)  # empty RAM: the snapshot comes from its file
+    state, n = restarted.lookup(ids)
+    assert n == at and restarted.stats.hits == 1 and restarted.stats.skipped_files == 0
+    assert rel_err(_continue_from(engine, state, ids, n), want[n:]).max() <= TOL
+
+
+@pytest.mark.parametrize("diverge", [1, 3, 8])
+def test_a_prompt_diverging_inside_the_rollback_room_reuses_up_to_the_divergence(engine, tmp_path, diverge):
+    """Thinking mode renders the last prompt token differently in the next turn: reuse all before it."""
+    vocab = engine.config.vocab_size
+    first = token_ids(40, vocab, seed=2)
+    second = first[: 40 - diverge] + token_ids(12, vocab, seed=3)
+    cache = _cache(engine, tmp_path)
+    cache.insert(first, _fed(engine, first))
+    cache.flush()
+    for c in (cache, _cache(engine, tmp_path)):  # from RAM, then from the file
+        state, n = c.lookup(second)
+        assert n == 40 - diverge
+        assert rel_err(_continue_from(engine, state, second, n), engine.logits(second)[n:]).max() <= TOL
+
+
+def test_lookup_leaves_a_token_to_feed_and_misses_cleanly(engine, tmp_path):
+    vocab = engine.config.vocab_size
+    ids = token_ids(20, vocab, seed=4)
+    cache = _cache(engine, tmp_path)
+    cache.insert(ids, _fed(engine, ids))
+    state, n = cache.lookup(ids)  # the same prompt again: all but its last token
+    assert n == 19 and state.pos == 19
+    assert cache.lookup(token_ids(20, vocab, seed=5)) is None
+    assert cache.lookup(ids[:1]) is None
+    s = cache.summary()
+    assert (s["lookups"], s["hits"], s["tokens_saved"]) == (3, 1, 19)
+
+
+def test_prefill_keeps_snapshots_at_boundaries(engine, tmp_path):
+    vocab = engine.config.vocab_size
+    shared = token_ids(37, vocab, seed=6)
+    a, b = shared + token_ids(5, vocab, seed=7), shared + token_ids(6, vocab, seed=8)
+    cache = _cache(engine, tmp_path, every=16)
+    state, n = prefill(engine, cache, a)
+    assert (n, state.pos) == (41, 41)
+    assert cache.summary()["entries"] == 3  # 16, 32, 41
+    state, n = prefill(engine, cache, b)  # restores 41 rolled back to 37 (its room reaches back to 33)
+    assert n == 42 and cache.stats.tokens_saved == 37
+    assert rel_err(_continue_from(engine, state, b, n), engine.logits(b)[n:]).max() <= TOL
+
+
+def _files(tmp_path):
+    return sorted(tmp_path.glob("*/*.safetensors"))
+
+
+def test_corrupt_truncated_and_foreign_files_are_skipped(engine, tmp_path, tiny_ckpt, caplog):
+    vocab = engine.config.vocab_size
+    ids = token_ids(40, vocab, seed=9)
+    want = engine.logits(ids)
+    cache = _cache(engine, tmp_path, every=8)
+    prefill(engine, cache, ids)  # snapshots at 8, 16, 24, 32, 39
+    cache.flush()
+    files = {int(f.stat().st_size): f for f in _files(tmp_path)}
+    by_size = [files[k] for k in sorted(files)]
+    assert len(by_size) == 5
+    longest, second, third = by_size[-1], by_size[-2], by_size[-3]
+    raw = bytearray(longest.read_bytes())
+    raw[-5] ^= 0x40  # one flipped bit in the data
+    longest.write_bytes(bytes(raw))
+    second.write_bytes(second.read_bytes()[:-100])  # cut short
+    third.write_bytes(b"not a safetensors file")
+    other = dsv4.load(tiny_ckpt("pro").path, dtype=torch.float32)  # another model writes into the same folder
+    foreign = PrefixCache(
+        model_identity(other), other.new_state, ram_bytes=1 << 30, disk_dir=tmp_path, every=8
+    )
+    foreign.insert(ids[:20], _fed(other, ids[:20]))
+    foreign.flush()
+    ours = {f.parent for f in by_size}.pop()
+    theirs = next(foreign.dir.glob("*.safetensors"))
+    stray = ours / theirs.name
+    stray.write_bytes(theirs.read_bytes())  # its file, in our folder
+    with caplog.at_level(logging.WARNING, logger="dsv4.prefix_cache"):
+        restarted = _cache(engine, tmp_path, every=8)
+        state, n = restarted.lookup(ids)
+    assert n == 16  # 39 corrupt, 32 truncated, 24 unreadable: the next best
+    assert rel_err(_continue_from(engine, state, ids, n), want[n:]).max() <= TOL
+    assert restarted.stats.skipped_files == 4
+    text = caplog.text
+    assert "checksum" in text and "another model" in text and "unreadable manifest" in text
+    assert stray.exists() and not longest.exists()  # foreign files stay, damaged ones of ours go
+    assert (foreign.lookup(ids[:21]) or (None, 0))[1] == 20  # the other model's own cache is untouched
+
+
+def test_disk_cap_evicts_least_recently_used(engine, tmp_path):
+    vocab = engine.config.vocab_size
+    prompts = [token_ids(24, vocab, seed=20 + i) for i in range(5)]
+    probe = _cache(engine, tmp_path / "probe")
+    probe.insert(prompts[0], _fed(engine, prompts[0]))
+    probe.flush()
+    size = _files(tmp_path / "probe")[0].stat().st_size
+    root = tmp_path / "capped"
+    cache = _cache(engine, root, ram_bytes=0, disk_bytes=int(2.5 * size))
+    for p in prompts:
+        cache.insert(p, _fed(engine, p))
+        cache.flush()
+        assert sum(f.stat().st_size for f in _files(root)) <= 2.5 * size
+    assert len(_files(root)) == 2 and cache.summary()["disk_bytes"] <= 2.5 * size
+    assert cache.lookup(prompts[0]) is None and cache.lookup(prompts[4])[1] == 23
+
+
+def test_ram_budget_drops_least_recently_used(engine):
+    vocab = engine.config.vocab_size
+    prompts = [token_ids(24, vocab, seed=30 + i) for i in range(4)]
+    one = _fed(engine, prompts[0]).snapshot().nbytes()
+    cache = PrefixCache(model_identity(engine), engine.new_state, ram_bytes=int(2.5 * one))
+    for p in prompts[:3]:
+        cache.insert(p, _fed(engine, p))
+    assert cache.lookup(prompts[1]) is not None  # used: now the most recent
+    cache.insert(prompts[3], _fed(engine, prompts[3]))
+    assert cache.summary()["ram_bytes"] <= 2.5 * one
+    assert cache.lookup(prompts[0]) is None and cache.lookup(prompts[2]) is None
+    assert cache.lookup(prompts[1]) is not None and cache.lookup(prompts[3]) is not None
+
+
+def test_identity_covers_numerics_and_dtype(tiny_ckpt):
+    path = tiny_ckpt("small").path
+    ids = {model_identity(dsv4.load(path, dtype=d, numerics=n)) for d in (torch.float32, torch.bfloat16)
+           for n in ("exact", "released")}  # fmt: skip
+    assert len(ids) == 4
+    assert for_engine(dsv4.load(path, dtype=torch.float32), ram=0) is None

@@ -1,0 +1,103 @@
+"""The server's prefix cache through the `openai` client: answers at temperature 0 equal those of a server
+without it, a shared prefix is reported as cached tokens and only the suffix is prefilled, and a
+restarted server with the same --prompt-cache folder reuses the first one's snapshots."""
+
+import pytest
+import torch
+
+pytest.importorskip("fastapi")
+openai = pytest.importorskip("openai")
+from test_server import LiveServer  # noqa: E402
+
+import dsv4  # noqa: E402
+from dsv4.prefix_cache import for_engine  # noqa: E402
+from dsv4.server.app import create_app  # noqa: E402
+
+MODEL = "tiny-v4"
+SYSTEM = "You are a careful assistant. " * 12 + "Tools follow."
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_ckpt):
+    return dsv4.load(tiny_ckpt("vocab").path, dtype=torch.float32)
+
+
+def _serve(engine, cache):
+    srv = LiveServer(create_app(engine, model_name=MODEL, max_context=512, prefix_cache=cache))
+    client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    return srv, client
+
+
+def _count_fed(engine, monkeypatch):
+    fed = []
+    step = engine.step
+
+    def counting(seqs, states, all_logits=False):
+        fed.append(sum(len(s) for s in seqs))
+        return step(seqs, states, all_logits)
+
+    monkeypatch.setattr(engine, "step", counting)
+    return fed
+
+
+def _turns(client, n=1):
+    """Two turns of one conversation; the second resends the first's prompt and reply."""
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Hello there"}]
+    first = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0, n=n)
+    messages += [{"role": "assistant", "content": first.choices[0].message.content or ""},
+                 {"role": "user", "content": "And then?"}]  # fmt: skip
+    second = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0, n=n)
+    return first, second
+
+
+def test_answers_equal_without_cache_and_a_restarted_server_reuses_the_store(engine, tmp_path):
+    plain, client = _serve(engine, None)
+    try:
+        want = _turns(client, n=2)
+    finally:
+        plain.stop()
+    cache = for_engine(engine, disk_dir=tmp_path, ram="64M", every=32)
+    srv, client = _serve(engine, cache)
+    try:
+        first, second = _turns(client, n=2)
+        assert [c.message.content for c in first.choices] == [c.message.content for c in want[0].choices]
+        assert [c.message.content for c in second.choices] == [c.message.content for c in want[1].choices]
+        assert first.usage.prompt_tokens_details.cached_tokens == 0
+        cached = second.usage.prompt_tokens_details.cached_tokens
+        assert cached >= first.usage.prompt_tokens - 8  # at least the first prompt, up to its rollback room
+        assert cache.summary()["hits"] == 2 and cache.summary()["tokens_saved"] == 2 * cached
+    finally:
+        srv.stop()
+    cache.flush()
+    # a restarted server: empty RAM, the same folder
+    again = for_engine(engine, disk_dir=tmp_path, ram="64M", every=32)
+    srv, client = _serve(engine, again)
+    try:
+        _, second2 = _turns(client)
+        assert second2.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens - 8
+        assert second2.choices[0].message.content == want[1].choices[0].message.content
+        import httpx
+
+        metrics = httpx.get(srv.url + "/metrics").text
+        assert (
+            "dsv4_prefix_cache_hits_total 2" in metrics and 'dsv4_prefix_cache_bytes{tier="disk"}' in metrics
+        )
+    finally:
+        srv.stop()
+
+
+def test_second_request_prefills_only_the_suffix(engine, monkeypatch):
+    cache = for_engine(engine, ram="64M", every=32)
+    srv, client = _serve(engine, cache)
+    fed = _count_fed(engine, monkeypatch)
+    try:
+        long = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "one"}]
+        a = client.chat.completions.create(model=MODEL, messages=long, max_tokens=1, temperature=0)
+        before = sum(fed)
+        assert before == a.usage.prompt_tokens  # max_tokens 1: only the prompt was fed
+        long[1]["content"] = "two, a different question"
+        b = client.chat.completions.create(model=MODEL, messages=long, max_tokens=1, temperature=0)
+        cached = b.usage.prompt_tokens_details.cached_tokens
+        assert cached > 32 and sum(fed) - before == b.usage.prompt_tokens - cached
+    finally:
+        srv.stop()
