@@ -67,6 +67,10 @@ def add_prompt_cache_flags(parser: argparse.ArgumentParser) -> None:
 def _load(args: argparse.Namespace):
     import dsv4
 
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     return dsv4.load(model_dir(args.model), device=args.device, dtype=args.dtype, numerics=args.numerics,
                      max_ram=args.max_ram, max_vram=args.max_vram, cache_policy=args.cache_policy,
                      progress=sys.stderr.isatty(), prompt_cache=args.prompt_cache is not None)  # fmt: skip
@@ -200,6 +204,16 @@ def _chat_command(session, line: str) -> bool:
     return False
 
 
+def _positive(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value!r}")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dsv4", description="Run DeepSeek V4 from the official checkpoints.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -226,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-vram", default=None, help="GPU memory budget for the expert cache (CUDA only)")
     g.add_argument("--cache-policy", default="lfu", choices=["lfu", "lru"],
                    help="which cached experts make room for new ones (default: lfu, frequency with aging)")  # fmt: skip
+    g.add_argument("--threads", type=_positive, default=None,
+                   help="CPU threads for the math (default: torch's, one per core)")  # fmt: skip
     add_prompt_cache_flags(common)
 
     sp = sub.add_parser("run", parents=[common], help="generate from a prompt, streaming the text")

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -361,3 +364,13 @@ def test_prefill_path_under_inference_mode():
         x = torch.randn(96, 512, generator=g, dtype=torch.float32).to(torch.bfloat16)
         a, b = kernels.fp8_linear(x, w8, s8), kernels.mxfp4_linear(x, w4, s4)
     assert torch.isfinite(a).all() and torch.isfinite(b).all()
+
+
+@pytest.mark.parametrize("user", [None, "ACTIVE"])
+def test_openmp_waits_passively_unless_the_user_says(user):
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if user:
+        env["OMP_WAIT_POLICY"] = user
+    code = "import dsv4, os; print(os.environ['OMP_WAIT_POLICY'])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == (user or "PASSIVE")
