@@ -380,7 +380,7 @@ def expected_tensors(cfg: ModelConfig, with_mtp: bool, dspark_stages: int = 0) -
         for j in range(cfg.n_mtp_layers):
             p = f"mtp.{j}"
             ratio = cfg.mtp_compress_ratio
-            out.update(block_specs(cfg, p, ratio, ratio == 4, False))
+            out.update(block_specs(cfg, p, ratio, cfg.mtp_csa, False))
             out.update(_hc_head_specs(f"{p}.", n, d))
             out[f"{p}.e_proj.weight"] = Spec((d, d), "linear")
             out[f"{p}.h_proj.weight"] = Spec((d, d), "linear")
