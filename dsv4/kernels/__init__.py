@@ -61,6 +61,7 @@ _FALLBACK_CHUNK = 1 << 24
 _lock = threading.Lock()
 _exts: dict[str, object] = {}  # ISA -> the compiled module once built, or False once it failed
 _reasons: dict[str, str] = {}  # ISA -> why its build is unusable
+_choices: dict[str, tuple[str | None, str]] = {}  # DSV4_KERNELS value -> `_choice()`'s answer
 
 
 def backend() -> str:
@@ -97,8 +98,18 @@ def fallback_reason() -> str:
 
 
 def _choice() -> tuple[str | None, str]:
-    """The build DSV4_KERNELS and the CPU ask for, or None and why there is none."""
-    want = os.environ.get("DSV4_KERNELS", "").lower() or "auto"
+    """The build DSV4_KERNELS and the CPU ask for, or None and why there is none.
+
+    Every kernel call asks, so the answer is kept per DSV4_KERNELS value (`_choices`); reading the
+    CPU's flags on each call was half the time of a batch-1 decode step."""
+    env = os.environ.get("DSV4_KERNELS", "")
+    got = _choices.get(env)
+    if got is None:
+        got = _choices[env] = _decide(env.lower() or "auto")
+    return got
+
+
+def _decide(want: str) -> tuple[str | None, str]:
     if want == "torch":
         return None, "DSV4_KERNELS=torch"
     if want not in ("auto", *ISA_FLAGS):
