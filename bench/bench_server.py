@@ -35,7 +35,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def tiny_checkpoint(out: Path) -> Path:
     """The tests' "vocab" tiny config: the official 129,280-token vocabulary, so the chat format works."""
     from dsv4.config import ModelConfig
-    from dsv4.tiny import random_weights, tiny_config, write_checkpoint
+    from dsv4.tiny import random_weights, tiny_config
+    from dsv4.writer import write_checkpoint
 
     raw = tiny_config(
         vocab_size=129280, num_hidden_layers=3, compress_ratios=[0, 4, 128, 0], num_hash_layers=1

@@ -46,7 +46,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_tiny(args: argparse.Namespace) -> int:
     from .config import ModelConfig
-    from .tiny import random_weights, tiny_config, write_checkpoint
+    from .tiny import random_weights, tiny_config
+    from .writer import write_checkpoint
 
     raw = tiny_config()
     write_checkpoint(args.out, raw, random_weights(ModelConfig.from_dict(raw), seed=args.seed))

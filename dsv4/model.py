@@ -494,7 +494,7 @@ class MTPBlock(nn.Module):
         self.hnorm = _param(src.tensor(f"{p}.hnorm.weight"), torch.float32)
         self.norm = _param(src.tensor(f"{p}.norm.weight"), torch.float32)
         ratio = cfg.mtp_compress_ratio
-        self.block = Block(cfg, src, p, ratio, ratio == 4, False, numerics, experts)
+        self.block = Block(cfg, src, p, ratio, cfg.mtp_csa, False, numerics, experts)
         self.hc_head = HyperHead(cfg, src, f"{p}.")
         self.eps = cfg.norm_eps
 
