@@ -85,8 +85,8 @@ def ensure_checkpoint(path: Path, cfg: dict) -> None:
     if done.exists() and json.loads((path / "config.json").read_text()) == cfg:
         print(f"slice: reusing {path}", flush=True)
         return
-    from dsv4.tiny import write_checkpoint
     from dsv4.tokenizer import official_tokenizer_file
+    from dsv4.writer import write_checkpoint
 
     if path.exists():
         shutil.rmtree(path)

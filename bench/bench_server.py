@@ -24,6 +24,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import httpx
@@ -34,7 +35,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def tiny_checkpoint(out: Path) -> Path:
     """The tests' "vocab" tiny config: the official 129,280-token vocabulary, so the chat format works."""
     from dsv4.config import ModelConfig
-    from dsv4.tiny import random_weights, tiny_config, write_checkpoint
+    from dsv4.tiny import random_weights, tiny_config
+    from dsv4.writer import write_checkpoint
 
     raw = tiny_config(
         vocab_size=129280, num_hidden_layers=3, compress_ratios=[0, 4, 128, 0], num_hash_layers=1
@@ -43,16 +45,18 @@ def tiny_checkpoint(out: Path) -> Path:
     return out
 
 
-def start_server(model: Path, dtype: str, max_running: int) -> tuple[subprocess.Popen, str]:
+def start_server(model: Path, dtype: str, max_running: int, extra: Sequence[str] = (),
+                 wait_s: float = 60.0) -> tuple[subprocess.Popen, str]:  # fmt: skip
+    """`python -m dsv4.server` on a free port (`extra`: more server flags), once /health answers."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "dsv4.server", "--model", str(model), "--dtype", dtype, "--port", str(port),
-           "--max-running", str(max_running), "--log-level", "warning"]  # fmt: skip
+           "--max-running", str(max_running), "--log-level", "warning", *extra]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     proc = subprocess.Popen(cmd, env=env)
     url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
+    for _ in range(int(wait_s * 10)):
         try:
             if httpx.get(url + "/health", timeout=1).status_code == 200:
                 return proc, url
@@ -62,7 +66,7 @@ def start_server(model: Path, dtype: str, max_running: int) -> tuple[subprocess.
             raise RuntimeError(f"the server exited with status {proc.returncode}")
         time.sleep(0.1)
     proc.terminate()
-    raise RuntimeError("the server did not become healthy within 60 s")
+    raise RuntimeError(f"the server did not become healthy within {wait_s:.0f} s")
 
 
 async def one_stream(

@@ -21,7 +21,8 @@ from reference import hf_logits, hf_model  # noqa: E402
 
 import dsv4  # noqa: E402
 from dsv4.config import ModelConfig  # noqa: E402
-from dsv4.tiny import random_weights, write_checkpoint  # noqa: E402
+from dsv4.tiny import random_weights  # noqa: E402
+from dsv4.writer import write_checkpoint  # noqa: E402
 
 LENGTHS = {"flash": 300, "pro": 290, "small": 150}
 

@@ -8,7 +8,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 from dsv4.config import ModelConfig  # noqa: E402
-from dsv4.tiny import random_weights, tiny_config, write_checkpoint  # noqa: E402
+from dsv4.tiny import random_weights, tiny_config  # noqa: E402
+from dsv4.writer import write_checkpoint  # noqa: E402
 
 torch.set_num_threads(2)
 

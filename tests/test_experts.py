@@ -14,7 +14,8 @@ from conftest import token_ids
 import dsv4
 from dsv4.checkpoint import Checkpoint
 from dsv4.experts import ExpertStore
-from dsv4.tiny import tiny_config, write_checkpoint
+from dsv4.tiny import tiny_config
+from dsv4.writer import write_checkpoint
 
 L1 = "layers.1.ffn.experts"
 

@@ -2,6 +2,7 @@
 the router-bias rule balances expert load, the export loads, and the bundled demo model continues a
 fixed prompt as recorded."""
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from dsv4.train import (
     train,
     update_router_bias,
 )
+from dsv4.train.plot import plot_loss
 
 DEMO = Path(dsv4.__file__).parent / "demo"
 DEMO_PROMPT = "def fibonacci(n):"
@@ -132,3 +134,12 @@ def test_demo_model_continues_prompt_as_recorded():
         out.append(int(logits[-1].argmax()))
         logits = engine.step([[out[-1]]], [state])[0]
     assert out == DEMO_GREEDY, (out, tok.decode(out))
+
+
+def test_loss_curve_with_matplotlib_or_a_note(full_run, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("matplotlib")
+    assert (full_run["out"] / "loss.png").stat().st_size > 1000
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed: skipped, with one line
+    assert plot_loss(full_run["history"], tmp_path / "loss") is None
+    assert not (tmp_path / "loss.png").exists()
+    assert capsys.readouterr().err.count("\n") == 1
