@@ -143,6 +143,15 @@ def exchange_bytes(cfg: ModelConfig, tokens: int = 1, act_bytes: int = 2) -> tup
     return 24 + tokens * (12 * k + 8 + d * act_bytes), tokens * d * 4
 
 
+def dispatch_bytes(cfg: ModelConfig, ranks: int, act_bytes: int = 2) -> float:
+    """Expected bytes per token and MoE layer (both ways, rank 0's link) of an all-to-all dispatch: x,
+    routing and a fp32 row back only for the other ranks holding one of the token's K experts, a
+    share 1 - (1 - 1/N)^K of them under uniform routing (what dsv4.distributed's broadcast sends to all)."""
+    k, d = cfg.n_activated_experts, cfg.dim
+    reached = (ranks - 1) * (1 - (1 - 1 / ranks) ** k)
+    return 24 * (ranks - 1) + reached * (12 * k + 8 + d * act_bytes + 4 * d)
+
+
 def network_seconds_per_token(cfg: ModelConfig, ranks: int, link: Link, act_bytes: int = 2) -> float:
     """One decoded token's time on the wire: per MoE layer three collectives (header, payload, reduce),
     each ceil(log2 N) latencies deep, and rank 0's link carrying N-1 copies each way (star: an upper bound
