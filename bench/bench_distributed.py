@@ -237,7 +237,7 @@ def main() -> None:
     text = measured_table(a) + "\n"
     if not a.append:
         table, latency, bandwidth = link_table(measure_link())
-        text += (f"\nthe link: {table}\n\nso `dsv4 plan --ranks N --link-latency {latency * 1e6:.0f} --link-gbps "
+        text += (f"\nthe link, measured\n\n{table}\n\nso `dsv4 plan --ranks N --link-latency {latency * 1e6:.0f} --link-gbps "
                  f"{bandwidth * 8 / 1e9:.1f}` plans for this loopback\n\nplanner prediction, network part only "
                  f"(dsv4.plan.network_seconds_per_token)\n\n{predictions(a.latency_us, (latency, bandwidth))}\n\n"
                  f"broadcast + reduce against an all-to-all dispatch (dsv4.plan.dispatch_bytes)\n\n{dispatch_table()}\n")  # fmt: skip
