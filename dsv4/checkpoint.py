@@ -36,7 +36,8 @@ _DTYPE_NAMES = {
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that does not match its config: raised before any compute."""
+    """A checkpoint that does not match its config (raised before any compute), or a shard that can no
+    longer be read as it was when the folder was opened (I/O error, cut short, replaced, removed)."""
 
 
 @dataclass(frozen=True)
@@ -120,10 +121,12 @@ class Checkpoint:
         self._handles: dict[Path, object] = {}
         self._offsets: dict[Path, dict[str, tuple[int, int]]] = {}
         self._fds: dict[Path, int] = {}
+        self._stamps: dict[Path, tuple[int, int]] = {}  # (size, mtime) of each shard as opened
         self._lock = threading.Lock()
         for file, names in self._files().items():
             if not file.exists():
                 raise CheckpointError(f"the index lists shard {file.name}, which is missing from {self.path}")
+            self._stamps[file] = _stamp(os.stat(file))
             handle = self._open(file)
             for stored in names:
                 if stored not in handle.keys():
@@ -203,18 +206,32 @@ class Checkpoint:
         entry = self.entries.get(name)
         if entry is None:
             raise CheckpointError(f"tensor {name!r} is not in the checkpoint at {self.path}")
-        file, offset, length = self.location(name)
-        fd = self._fd(file)
-        out = torch.empty(length, dtype=torch.uint8)
-        view, done = memoryview(out.numpy()), 0
-        while done < length:
-            n = os.preadv(fd, [view[done:]], offset + done)
-            if n <= 0:
-                raise CheckpointError(f"short read of {name!r} from {file} at byte {offset + done}: truncated file?")
-            done += n
+        file = entry.file
+        try:
+            fd = self._fd(file)
+            self._check_unchanged(file, os.fstat(fd))
+            _, offset, length = self.location(name)
+            out = torch.empty(length, dtype=torch.uint8)
+            view, done = memoryview(out.numpy()), 0
+            while done < length:
+                n = os.preadv(fd, [view[done:]], offset + done)
+                if n <= 0:
+                    raise CheckpointError(f"short read of {name!r} from {file} at byte {offset + done}: truncated file?")
+                done += n
+        except OSError as e:  # EIO, a vanished file, ...: name what was being read
+            raise CheckpointError(f"reading {name!r} from {file} failed: {e}") from e
         if drop_page_cache and hasattr(os, "posix_fadvise"):
             os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
         return out.view(entry.dtype).reshape(entry.shape)
+
+    def _check_unchanged(self, file: Path, st: os.stat_result) -> None:
+        """Offsets were taken from the shard as opened: a shard rewritten since would give wrong bytes."""
+        was = self._stamps.get(file)
+        if was is not None and _stamp(st) != was:
+            raise CheckpointError(
+                f"{file} changed after the checkpoint was opened (size {was[0]} -> {st.st_size} bytes, or its "
+                "modification time): restart to load the new files"
+            )
 
     def _fd(self, file: Path) -> int:
         with self._lock:
@@ -282,6 +299,10 @@ class Checkpoint:
                     "layout do not use it"
                 )
         return release
+
+
+def _stamp(st: os.stat_result) -> tuple[int, int]:
+    return st.st_size, st.st_mtime_ns
 
 
 def _data_offsets(file: Path) -> dict[str, tuple[int, int]]:
@@ -359,7 +380,7 @@ def expected_tensors(cfg: ModelConfig, with_mtp: bool, dspark_stages: int = 0) -
         for j in range(cfg.n_mtp_layers):
             p = f"mtp.{j}"
             ratio = cfg.mtp_compress_ratio
-            out.update(block_specs(cfg, p, ratio, ratio == 4, False))
+            out.update(block_specs(cfg, p, ratio, cfg.mtp_csa, False))
             out.update(_hc_head_specs(f"{p}.", n, d))
             out[f"{p}.e_proj.weight"] = Spec((d, d), "linear")
             out[f"{p}.h_proj.weight"] = Spec((d, d), "linear")

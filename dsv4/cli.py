@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 from .loader import model_dir
@@ -97,7 +98,9 @@ def _sampling(args: argparse.Namespace) -> dict:
 
 def _stats_line(result) -> str:
     st = result.stats
-    line = (f"[{st.prompt_tokens} prompt tokens, {st.generated_tokens} generated; prefill {st.prefill_tps:.1f} tok/s, "
+    reused = f" ({st.reused_tokens} reused from cached state)" if st.reused_tokens else ""
+    prefill = (st.prompt_tokens - st.reused_tokens) / st.prefill_seconds if st.prefill_seconds else 0.0
+    line = (f"[{st.prompt_tokens} prompt tokens{reused}, {st.generated_tokens} generated; prefill {prefill:.1f} tok/s, "
             f"decode {st.decode_tps:.1f} tok/s; finish: {result.finish_reason}")  # fmt: skip
     if st.acceptance_rate is not None:
         line += f"; draft acceptance {st.acceptance_rate:.0%}, mean accepted length {st.mean_accepted_length:.2f}"
@@ -114,12 +117,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     request = [{"role": "user", "content": prompt}] if chat else prompt
     if not chat:
         print(prompt, end="", flush=True)
-    cache, state, reused = _prompt_cache(args, engine), None, 0
-    if cache is not None:
+    cache, state, reused, restored, t0 = _prompt_cache(args, engine), None, 0, 0, time.perf_counter()
+    if cache is not None:  # restore the longest cached prefix, prefill the rest keeping snapshots on the way
         from .prefix_cache import prefill
 
         request = engine.encode(request, thinking_mode=mode)
+        before = cache.stats.tokens_saved
         state, reused = prefill(engine, cache, request)
+        restored = cache.stats.tokens_saved - before
+    prefill_seconds = time.perf_counter() - t0
     try:
         for ev in engine.stream(request, thinking_mode=mode, speculative=args.speculative, state=state,
                                 reused=reused, **_sampling(args)):  # fmt: skip
@@ -128,12 +134,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         print("\n[stopped]", file=sys.stderr)
         return 130
     print()
+    result = engine.last_sequence.result()
     if cache is not None:
         seq = engine.last_sequence
         cache.insert((seq.prompt_ids + seq.output)[: seq.state.pos], seq.state)
         cache.flush()
+        result.stats.reused_tokens = restored
+        result.stats.prefill_seconds += prefill_seconds
     if not args.quiet:
-        print(_stats_line(engine.last_sequence.result()), file=sys.stderr)
+        print(_stats_line(result), file=sys.stderr)
     return 0
 
 
@@ -141,6 +150,7 @@ CHAT_HELP = """commands:
   /reset          start a new conversation
   /think on|off   thinking mode (reasoning before the answer)
   /save FILE      save the conversation as JSON
+  /stats          token counts and speeds of the last reply
   /help           this text
   /exit           leave (or Ctrl-D); Ctrl-C stops a reply"""
 
@@ -198,6 +208,9 @@ def _chat_command(session, line: str) -> bool:
     elif cmd == "/save" and arg:
         session.save(arg)
         print(f"[saved {len(session.messages)} messages to {arg}]")
+    elif cmd == "/stats":
+        last = getattr(session, "last_result", None)
+        print(_stats_line(last) if last is not None else "[no reply yet]")
     elif cmd == "/help":
         print(CHAT_HELP)
     else:

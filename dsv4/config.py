@@ -25,6 +25,10 @@ LAYER_TYPE_TO_RATIO_NAME = {
 DEFAULT_COMPRESS_RATES = {"compressed_sparse_attention": 4, "heavily_compressed_attention": 128}
 
 
+CSA_RATIO = 4  # official configs give only ratios: the official code makes ratio-4 layers CSA, others HCA
+SCORE_FUNCS = ("sqrtsoftplus", "sigmoid", "softmax")  # router scores: V4's, and V3's two (model.MoE.route)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int = 129280
@@ -42,8 +46,7 @@ class ModelConfig:
     n_shared_experts: int = 1
     moe_inter_dim: int = 2048
     route_scale: float = 1.5
-    score_func: str = "sqrtsoftplus"
-    norm_topk_prob: bool = True
+    score_func: str = "sqrtsoftplus"  # one of SCORE_FUNCS
     swiglu_limit: float = 10.0
     hash_layers: tuple[bool, ...] = ()  # per layer: routed by tid2eid[token] instead of top-k
     # attention
@@ -87,6 +90,8 @@ class ModelConfig:
                 f"config lists {len(self.compress_ratios)} compress ratios and {len(self.hash_layers)} "
                 f"router kinds for {self.n_layers} layers; each needs one entry per layer"
             )
+        if self.score_func not in SCORE_FUNCS:
+            raise ValueError(f"config key 'scoring_func' is {self.score_func!r}; dsv4 implements {list(SCORE_FUNCS)}")
         bad = [r for r in self.compress_ratios if r < 0 or r == 1]
         if bad:
             raise ValueError(f"compress ratios must be 0 (sliding window) or > 1, got {bad}")
@@ -121,6 +126,11 @@ class ModelConfig:
     def dspark(self) -> bool:
         """The config declares a DSpark draft (0731-style releases and the DSpark repos)."""
         return self.dspark_block_size > 0
+
+    @property
+    def mtp_csa(self) -> bool:
+        """The MTP layer attends with CSA (the overlapping compressor and the indexer)."""
+        return self.mtp_compress_ratio == CSA_RATIO
 
     def layer_kind(self, layer: int) -> str:
         """'sliding', 'csa' or 'hca'."""
@@ -161,6 +171,14 @@ class ModelConfig:
         quant = raw.get("quantization_config") or {}
         expert_dtype = raw.get("expert_dtype") or quant.get("expert_dtype")
         eos = raw.get("eos_token_id", 1)
+        if raw.get("norm_topk_prob") not in (None, True):
+            # The official code and transformers (5.23) both divide the chosen experts' router weights by
+            # their sum, whatever this key says; a config asking for raw weights describes another model.
+            raise ValueError(
+                f"config key 'norm_topk_prob' is {raw['norm_topk_prob']!r}: DeepSeek V4 renormalizes the top-k "
+                "router weights (the official code and transformers ignore the key), and dsv4 implements only "
+                "that; set it to true or remove it"
+            )
         return cls(
             vocab_size=g.int("vocab_size", default=129280),
             dim=g.int("hidden_size", "dim", default=4096),
@@ -177,7 +195,6 @@ class ModelConfig:
             moe_inter_dim=g.int("moe_intermediate_size", "moe_inter_dim", default=2048),
             route_scale=g.float("routed_scaling_factor", "route_scale", default=1.5),
             score_func=str(raw.get("scoring_func", raw.get("score_func", "sqrtsoftplus"))),
-            norm_topk_prob=bool(raw.get("norm_topk_prob", True)),
             swiglu_limit=g.float("swiglu_limit", default=10.0),
             hash_layers=_parse_hash_layers(raw, n_layers),
             window_size=g.int("sliding_window", "window_size", default=128),
@@ -248,8 +265,7 @@ def _parse_compress_ratios(raw: dict[str, Any], n_layers: int) -> tuple[tuple[in
         ratios = [int(r) for r in raw["compress_ratios"]]
         if len(ratios) < n_layers:
             raise ValueError(f"compress_ratios has {len(ratios)} entries for {n_layers} layers")
-        # The official code gives ratio-4 layers the overlapping compressor and the indexer.
-        csa = tuple(r == 4 for r in ratios[:n_layers])
+        csa = tuple(r == CSA_RATIO for r in ratios[:n_layers])
         return tuple(ratios[:n_layers]), csa, tuple(ratios[n_layers:])
     rates = dict(DEFAULT_COMPRESS_RATES)
     rates.update(raw.get("compress_rates") or {})

@@ -41,6 +41,7 @@ class StoreStats:
     bytes_read: int = 0
     read_seconds: float = 0.0
     evictions: int = 0
+    read_errors: int = 0  # reads that raised (the request that needed one gets the error; prefetches drop it)
 
     @property
     def hit_rate(self) -> float:
@@ -271,10 +272,16 @@ class ExpertStore:
         return fut
 
     def _on_read(self, key: Key, fut: Future) -> None:
+        """A read ended: a prefetch's experts are admitted. A failed read is forgotten (the next request
+        reads again, and a demand read raises to its caller), so nothing waits on it or counts it forever."""
+        failed = fut.cancelled() or fut.exception() is not None
         with self._lock:
             self._inflight.pop(key, None)
-        if key in self._prefetching and fut.exception() is None:
-            self._admit({key: fut.result()}, protect=set())
+            self.stats.read_errors += failed
+        try:
+            if key in self._prefetching and not failed:
+                self._admit({key: fut.result()}, protect=set())
+        finally:
             with self._lock:
                 self._prefetching.discard(key)
 

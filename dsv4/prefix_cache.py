@@ -241,7 +241,9 @@ class PrefixCache:
             snap = state.snapshot()
             if room != snap.room:
                 snap.room = room
-            e = Entry(ds[state.pos], ds[anchor], state.pos, room, tuple(tokens[anchor:]), list(tokens))
+            # the full token list only until its file is written (it is the manifest); the index needs the tail
+            e = Entry(ds[state.pos], ds[anchor], state.pos, room, tuple(tokens[anchor:]),
+                      list(tokens) if self.dir is not None else None)  # fmt: skip
             self._add(e)
             self._hold(e, snap)
             self.stats.inserted += 1

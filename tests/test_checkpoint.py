@@ -90,7 +90,7 @@ def test_truncated_shard(ckpt):
     ck = Checkpoint(ckpt)
     last = max((n for n in ck.names() if ck.location(n)[0] == shard), key=lambda n: ck.location(n)[1])
     shard.write_bytes(data[: ck.location(last)[1] + 1])
-    with pytest.raises(CheckpointError, match=rf"short read of {last!r}.*truncated"):
+    with pytest.raises(CheckpointError, match=rf"{shard.name} changed after the checkpoint was opened"):
         ck.tensor(last)
 
 

@@ -80,8 +80,27 @@ def test_transformers_config_class_round_trip():
         ({"compress_ratios": [0, 4]}, "compress_ratios has 2 entries"),
         ({"layer_types": ["nope"] * 43, "compress_ratios": None}, "unknown layer type"),
         ({"head_dim": 512, "qk_rope_head_dim": 600}, "rope_head_dim"),
+        ({"norm_topk_prob": False}, "'norm_topk_prob' is False: DeepSeek V4 renormalizes"),
+        ({"scoring_func": "tanh"}, "'scoring_func' is 'tanh'"),
     ],
 )
 def test_bad_configs(bad, match):
     with pytest.raises(ValueError, match=match):
         ModelConfig.from_dict({**FLASH, **bad})
+
+
+def test_references_renormalize_the_router_weights_whatever_norm_topk_prob_says():
+    """Why a config with norm_topk_prob false is refused rather than honoured: transformers' router
+    divides by the chosen weights' sum regardless (as the official code does), so no reference computes
+    what such a config would ask for. If this starts failing, transformers honours the key: follow it."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+    from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4TopKRouter
+
+    hf = transformers.DeepseekV4Config(hidden_size=16, n_routed_experts=8, num_experts_per_tok=2, num_hidden_layers=2,
+                                       norm_topk_prob=False)  # fmt: skip
+    router = DeepseekV4TopKRouter(hf)
+    torch.nn.init.normal_(router.weight, generator=torch.Generator().manual_seed(0))
+    _, weights, _ = router(torch.randn(5, 16, generator=torch.Generator().manual_seed(1)))
+    assert torch.allclose(weights.sum(-1), torch.full((5,), hf.routed_scaling_factor))
+    assert ModelConfig.from_dict({**FLASH, "norm_topk_prob": True}) == ModelConfig.from_dict(FLASH)
