@@ -28,6 +28,24 @@ class Engine:
         self.checkpoint = checkpoint
         self._tokenizer = tokenizer
         self._speculation = {"rounds": 0, "drafted": 0, "accepted": 0}
+        self._chat_format: str | None = None
+
+    @property
+    def chat_format(self) -> str:
+        """The chat format prompts are rendered in: "preview" or "0731". The detected release's
+        (`model.release.chat`) unless set (the CLI's --chat-format)."""
+        if self._chat_format is not None:
+            return self._chat_format
+        release = getattr(self.model, "release", None)
+        return release.chat if release is not None else "preview"
+
+    @chat_format.setter
+    def chat_format(self, value: str | None) -> None:
+        from .chat import CHAT_FORMATS
+
+        if value is not None and value not in CHAT_FORMATS:
+            raise ValueError(f"chat format {value!r}: expected one of {CHAT_FORMATS} (or None: the release's)")  # fmt: skip
+        self._chat_format = value
 
     @property
     def config(self) -> ModelConfig:
@@ -46,7 +64,8 @@ class Engine:
 
     def encode(self, prompt: Prompt, *, thinking_mode: str = "chat", reasoning_effort: str | None = None,
                tools: list[dict] | None = None) -> list[int]:  # fmt: skip
-        """Token ids of a prompt: ids pass through, text gets BOS, chat messages use the V4 format."""
+        """Token ids of a prompt: ids pass through, text gets BOS, chat messages use the V4 format
+        (`chat_format`: the preview's or 0731's reasoning-effort levels)."""
         if isinstance(prompt, str):
             return [self.tokenizer.bos_id, *self.tokenizer.encode(prompt)]
         if prompt and all(isinstance(m, dict) for m in prompt):
@@ -55,9 +74,8 @@ class Engine:
             messages = list(prompt)
             if tools:
                 messages = _attach_tools(messages, tools)
-            return encode_messages_ids(
-                self.tokenizer, messages, thinking_mode=thinking_mode, reasoning_effort=reasoning_effort
-            )
+            return encode_messages_ids(self.tokenizer, messages, thinking_mode=thinking_mode,
+                                       reasoning_effort=reasoning_effort, chat_format=self.chat_format)  # fmt: skip
         if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             return list(prompt)
         raise TypeError("a prompt is text, a list of token ids, or a list of chat messages (dicts)")

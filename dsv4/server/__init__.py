@@ -74,6 +74,7 @@ def serve(args: argparse.Namespace) -> int:
     budgets = {k: getattr(args, k) for k in ("max_ram", "max_vram", "cache_policy") if getattr(args, k, None) is not None}
     engine = dsv4.load(path, device=args.device, dtype=args.dtype, numerics=args.numerics, prompt_cache=True,
                        **budgets)  # fmt: skip
+    engine.chat_format = None if args.chat_format == "auto" else args.chat_format
     cache = for_engine(engine, disk_dir=getattr(args, "prompt_cache", None), ram=args.prompt_cache_ram,
                        disk=getattr(args, "prompt_cache_size", None))  # fmt: skip
     name = args.model_name or path.resolve().name
