@@ -277,7 +277,7 @@ class Scheduler:
 
     # ---- speculative decoding ----
 
-    def _draft(self, plan: list[tuple[Sequence, list[int]]], budget: int) -> dict[int, tuple[list[int], list]]:
+    def _draft(self, plan: list[tuple[Sequence, list[int]]], budget: int) -> dict[int, tuple[list[int], list]]:  # fmt: skip
         """Draft blocks for the speculative decoders of this step: seq id -> (drafts, their q rows)."""
         blocks: dict[int, tuple[list[int], list]] = {}
         wanted = [s for s, _ in plan if s.speculative and not s.prefilling and len(s.pending) == 1]

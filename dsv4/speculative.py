@@ -103,8 +103,8 @@ def settle(seq: Sequence, drafts: list[int], qs: list[torch.Tensor], logits: tor
         seq.stats.accepted_tokens += 1
         kept += 1
         events.append(seq.append(d, logits[i]))
-        if events[-1].finish_reason is not None:  # the state keeps what plain decoding would: not the last token
-            state.rollback(b - kept + 1)
+        if events[-1].finish_reason is not None:
+            state.rollback(b - kept + 1)  # the state keeps what plain decoding would: not the last token
             return events
     if new is None:  # every draft passed: the target's bonus token
         new = sampler.sample(logits[b])

@@ -13,11 +13,12 @@ pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 release_writer = pytest.importorskip("release_writer")
 
+from test_server import LiveServer  # noqa: E402
+
 import dsv4  # noqa: E402
 from dsv4.dspark import Proposal  # noqa: E402
 from dsv4.generate import Scheduler  # noqa: E402
 from dsv4.server.app import create_app  # noqa: E402
-from test_server import LiveServer  # noqa: E402
 
 MODEL = "tiny-v4"
 PROMPTS = [token_ids(n, 20000, seed=s) for n, s in ((3, 1), (20, 2), (33, 3), (9, 4))]
@@ -69,7 +70,9 @@ def metrics(url: str) -> dict[str, float]:
 def dspark(tmp_path_factory):
     path = tmp_path_factory.mktemp("server_0731")
     # the official vocabulary, so that the server detokenizes the answers
-    release_writer.write_release(path, release_writer.dspark_config(sliding_window=16, vocab_size=129280), seed=3)
+    release_writer.write_release(
+        path, release_writer.dspark_config(sliding_window=16, vocab_size=129280), seed=3
+    )
     engine = dsv4.load(path, dtype=torch.float32)
     server = LiveServer(create_app(engine, model_name=MODEL, max_context=256, speculative=True))
     yield engine, server
@@ -79,7 +82,10 @@ def dspark(tmp_path_factory):
 def test_batched_dspark_greedy_equals_plain(dspark, monkeypatch):
     engine, server = dspark
     plain = complete_all(server.url, PROMPTS, extra_body={"ignore_eos": True, "speculative": False})
-    want = [engine.tokenizer.decode(engine.generate(p, max_tokens=14, temperature=0.0, ignore_eos=True)) for p in PROMPTS]
+    want = [
+        engine.tokenizer.decode(engine.generate(p, max_tokens=14, temperature=0.0, ignore_eos=True))
+        for p in PROMPTS
+    ]
     assert plain == want
     assert "dsv4_engine_speculative_draft_rounds" not in metrics(server.url)
 
@@ -112,7 +118,9 @@ def test_chat_stream_with_speculation(dspark, monkeypatch):
     ids = PROMPTS[1]
     stream = client.completions.create(model=MODEL, prompt=ids, stream=True, **GREEDY)
     text = "".join(c.choices[0].text for c in stream if c.choices)
-    assert text == engine.tokenizer.decode(engine.generate(ids, max_tokens=14, temperature=0.0, ignore_eos=True))
+    assert text == engine.tokenizer.decode(
+        engine.generate(ids, max_tokens=14, temperature=0.0, ignore_eos=True)
+    )
 
 
 def test_mtp_checkpoint_decodes_plainly_and_says_why(tiny_ckpt):
@@ -120,7 +128,10 @@ def test_mtp_checkpoint_decodes_plainly_and_says_why(tiny_ckpt):
     server = LiveServer(create_app(engine, model_name=MODEL, max_context=256, speculative=True))
     try:
         prompts = [token_ids(n, engine.config.vocab_size, seed=n) for n in (4, 17)]
-        want = [engine.tokenizer.decode(engine.generate(p, max_tokens=14, temperature=0.0, ignore_eos=True)) for p in prompts]
+        want = [
+            engine.tokenizer.decode(engine.generate(p, max_tokens=14, temperature=0.0, ignore_eos=True))
+            for p in prompts
+        ]
         assert complete_all(server.url, prompts) == want
         assert metrics(server.url)['dsv4_speculative_fallback_total{reason="mtp"}'] >= 2 * 13
     finally:
@@ -139,7 +150,11 @@ def test_0731_reasoning_effort_levels_through_the_server(tiny_ckpt):
                 .usage.prompt_tokens for e in ("low", "high", "max")}  # fmt: skip
         assert used["high"] - used["low"] == 79 and used["max"] - used["low"] == 92
         with pytest.raises(openai.BadRequestError) as err:
-            client.chat.completions.create(model=MODEL, messages=hello, max_tokens=1, reasoning_effort="medium")
-        assert err.value.body["param"] == "reasoning_effort" and "0731 chat format has low, high, max" in str(err.value)
+            client.chat.completions.create(
+                model=MODEL, messages=hello, max_tokens=1, reasoning_effort="medium"
+            )
+        assert err.value.body["param"] == "reasoning_effort" and "0731 chat format has low, high, max" in str(
+            err.value
+        )
     finally:
         server.stop()
