@@ -134,9 +134,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         from .prefix_cache import prefill
 
         request = engine.encode(request, thinking_mode=mode, reasoning_effort=args.reasoning_effort)
-        before = cache.stats.tokens_saved
-        state, reused = prefill(engine, cache, request)
-        restored = cache.stats.tokens_saved - before
+        state, restored = prefill(engine, cache, request)
+        reused = len(request) - 1
     prefill_seconds = time.perf_counter() - t0
     try:
         for ev in engine.stream(request, thinking_mode=mode, reasoning_effort=args.reasoning_effort,
