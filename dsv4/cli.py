@@ -154,6 +154,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         result.stats.prefill_seconds += prefill_seconds
     if not args.quiet:
         print(_stats_line(result), file=sys.stderr)
+    if args.speculative and engine.stats().get("speculation_declined"):
+        print(f"[plain decoding: {engine.stats()['speculation_declined']}]", file=sys.stderr)
     return 0
 
 

@@ -33,13 +33,14 @@ from dsv4.memory import peak_rss_bytes, rss_bytes
 L1 = "layers.1.ffn.experts"
 
 
-def held_experts(model) -> tuple[list[int], int]:
-    """The expert ids this rank holds in layer 1 and the bytes of all its resident routed experts."""
-    moes = [layer.ffn.moe for layer in model.layers] + [m.block.ffn.moe for m in model.mtp]
+def held_experts(model) -> tuple[list[int], int, int]:
+    """The expert ids this rank holds in layer 1, the bytes of all its resident routed experts, and
+    the number of MoE layers (the MTP layers and DSpark stages included)."""
+    moes = [block.ffn.moe for block in distributed._blocks(model)]
     ids = sorted(int(k) for k in moes[1].experts.experts.keys())
     nbytes = sum(t.numel() * t.element_size() for moe in moes for ex in moe.experts.experts.values()
                  for w in ex.weights() for t in (w.weight, getattr(w, "scale", None)) if t is not None)  # fmt: skip
-    return ids, nbytes
+    return ids, nbytes, len(moes)
 
 
 def serve_or_run(comm, model, ckpt, run) -> dict:
@@ -70,7 +71,7 @@ def rss(comm, c: dict) -> dict:
         return {}
 
     serve_or_run(comm, model, ckpt, run)
-    _, nbytes = held_experts(model)
+    _, nbytes, _ = held_experts(model)
     return {"load_growth": loaded, "growth": peak_rss_bytes() - before, "expert_bytes": nbytes}
 
 
@@ -80,7 +81,7 @@ def match(comm, c: dict) -> dict:
         model, ckpt = distributed.load_share(c["model"], comm, dtype=torch.float32,
                                              max_ram="none" if mode == "resident" else "4G")  # fmt: skip
         if mode == "resident":
-            info["layer1_ids"], info["expert_bytes"] = held_experts(model)
+            info["layer1_ids"], info["expert_bytes"], info["moe_layers"] = held_experts(model)
         else:
             store = model.store
             store.set_budget(3 * store.expert_bytes(L1, 0))  # almost nothing fits: constant eviction
