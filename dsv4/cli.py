@@ -134,9 +134,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         from .prefix_cache import prefill
 
         request = engine.encode(request, thinking_mode=mode, reasoning_effort=args.reasoning_effort)
-        before = cache.stats.tokens_saved
-        state, reused = prefill(engine, cache, request)
-        restored = cache.stats.tokens_saved - before
+        state, restored = prefill(engine, cache, request)
+        reused = len(request) - 1
     prefill_seconds = time.perf_counter() - t0
     try:
         for ev in engine.stream(request, thinking_mode=mode, reasoning_effort=args.reasoning_effort,
@@ -155,6 +154,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         result.stats.prefill_seconds += prefill_seconds
     if not args.quiet:
         print(_stats_line(result), file=sys.stderr)
+    if args.speculative and engine.stats().get("speculation_declined"):
+        print(f"[plain decoding: {engine.stats()['speculation_declined']}]", file=sys.stderr)
     return 0
 
 

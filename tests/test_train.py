@@ -188,3 +188,16 @@ def test_bundled_dspark_demo_drafts_what_the_backbone_says():
     engine = _greedy_both_ways(DEMO_DSPARK, [DEMO_PROMPT, "class Stack:\n    def push(self, item):\n"], 40)
     spec = engine.stats()["speculative"]
     assert spec["acceptance_rate"] > 0.2 and spec["mean_accepted_length"] > 2.0, spec
+
+
+def test_speculation_declined_under_a_ram_budget():
+    """The measured default: drafts only with every expert resident; "always" overrides."""
+    tok = Tokenizer.from_dir(DEMO_DSPARK)
+    ids = tok.encode(DEMO_PROMPT, add_special_tokens=True)
+    engine = dsv4.load(DEMO_DSPARK, dtype=torch.float32, max_ram="2G")
+    plain = engine.generate(ids, max_tokens=12, temperature=0)
+    assert engine.generate(ids, max_tokens=12, temperature=0, speculative=True) == plain
+    stats = engine.stats()
+    assert "RAM budget" in stats["speculation_declined"] and "speculative" not in stats
+    assert engine.generate(ids, max_tokens=12, temperature=0, speculative="always") == plain
+    assert engine.stats()["speculative"]["rounds"] > 0
