@@ -73,9 +73,21 @@ def _load(args: argparse.Namespace):
         import torch
 
         torch.set_num_threads(args.threads)
-    return dsv4.load(model_dir(args.model), device=args.device, dtype=args.dtype, numerics=args.numerics,
-                     max_ram=args.max_ram, max_vram=args.max_vram, cache_policy=args.cache_policy,
-                     progress=sys.stderr.isatty(), prompt_cache=args.prompt_cache is not None)  # fmt: skip
+    engine = dsv4.load(model_dir(args.model), device=args.device, dtype=args.dtype, numerics=args.numerics,
+                       max_ram=args.max_ram, max_vram=args.max_vram, cache_policy=args.cache_policy,
+                       progress=sys.stderr.isatty(), prompt_cache=args.prompt_cache is not None)  # fmt: skip
+    set_chat_format(engine, args)
+    return engine
+
+
+def set_chat_format(engine, args: argparse.Namespace) -> None:
+    """--chat-format: the release's (auto) or a forced one."""
+    engine.chat_format = None if args.chat_format == "auto" else args.chat_format
+
+
+def _thinking_mode(args: argparse.Namespace) -> str:
+    """--think, or a --reasoning-effort (it only means something in thinking mode)."""
+    return "thinking" if args.think or args.reasoning_effort is not None else "chat"
 
 
 def _prompt_cache(args: argparse.Namespace, engine):
@@ -112,8 +124,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not prompt:
         raise ValueError("empty prompt: give PROMPT or pipe text on stdin")
     engine = _load(args)
-    chat = args.chat or args.think or (not args.raw and engine.config.vocab_size == OFFICIAL_VOCAB)
-    mode = "thinking" if args.think else "chat"
+    mode = _thinking_mode(args)
+    chat = args.chat or mode == "thinking" or (not args.raw and engine.config.vocab_size == OFFICIAL_VOCAB)
     request = [{"role": "user", "content": prompt}] if chat else prompt
     if not chat:
         print(prompt, end="", flush=True)
@@ -121,14 +133,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     if cache is not None:  # restore the longest cached prefix, prefill the rest keeping snapshots on the way
         from .prefix_cache import prefill
 
-        request = engine.encode(request, thinking_mode=mode)
-        before = cache.stats.tokens_saved
-        state, reused = prefill(engine, cache, request)
-        restored = cache.stats.tokens_saved - before
+        request = engine.encode(request, thinking_mode=mode, reasoning_effort=args.reasoning_effort)
+        state, restored = prefill(engine, cache, request)
+        reused = len(request) - 1
     prefill_seconds = time.perf_counter() - t0
     try:
-        for ev in engine.stream(request, thinking_mode=mode, speculative=args.speculative, state=state,
-                                reused=reused, **_sampling(args)):  # fmt: skip
+        for ev in engine.stream(request, thinking_mode=mode, reasoning_effort=args.reasoning_effort,
+                                speculative=args.speculative, state=state, reused=reused, **_sampling(args)):  # fmt: skip
             print(ev.text, end="", flush=True)
     except KeyboardInterrupt:
         print("\n[stopped]", file=sys.stderr)
@@ -143,6 +154,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         result.stats.prefill_seconds += prefill_seconds
     if not args.quiet:
         print(_stats_line(result), file=sys.stderr)
+    if args.speculative and engine.stats().get("speculation_declined"):
+        print(f"[plain decoding: {engine.stats()['speculation_declined']}]", file=sys.stderr)
     return 0
 
 
@@ -159,8 +172,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from .session import ChatSession
 
     engine = _load(args)
-    session = ChatSession(engine, thinking_mode="thinking" if args.think else "chat", system=args.system,
-                          prefix_cache=_prompt_cache(args, engine))  # fmt: skip
+    session = ChatSession(engine, thinking_mode=_thinking_mode(args), reasoning_effort=args.reasoning_effort,
+                          system=args.system, prefix_cache=_prompt_cache(args, engine))  # fmt: skip
     if args.resume is not None:
         session.load(args.resume)
         print(f"[resumed {len(session.messages)} messages from {args.resume}]")
@@ -256,6 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which cached experts make room for new ones (default: lfu, frequency with aging)")  # fmt: skip
     g.add_argument("--threads", type=_positive, default=None,
                    help="CPU threads for the math (default: torch's, one per core)")  # fmt: skip
+    g.add_argument("--chat-format", default="auto", choices=["auto", "preview", "0731"],
+                   help="chat format (reasoning-effort texts): the release's (auto, default), the April "
+                        "preview's (low/high = no text, max) or 0731's (low = no text, high, max)")  # fmt: skip
     add_prompt_cache_flags(common)
 
     sp = sub.add_parser("run", parents=[common], help="generate from a prompt, streaming the text")
@@ -267,12 +283,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--raw", action="store_true", help="plain text completion (default for non-V4 vocabularies)"
     )
     sp.add_argument("--quiet", action="store_true", help="no statistics line on stderr")
+    _effort_flag(sp)
     _sampling_flags(sp)
     sp.set_defaults(fn=cmd_run)
 
     sp = sub.add_parser("chat", parents=[common], help="interactive chat (/help inside for commands)")
     sp.add_argument("--think", action="store_true", help="start in thinking mode")
     sp.add_argument("--system", default=None, help="system prompt")
+    _effort_flag(sp)
     sp.add_argument("--resume", type=Path, default=None, metavar="FILE",
                     help="continue a conversation saved with /save (with --prompt-cache, without prefilling it again)")  # fmt: skip
     _sampling_flags(sp)
@@ -300,6 +318,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=0)
     sp.set_defaults(fn=cmd_tiny)
     return p
+
+
+def _effort_flag(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--reasoning-effort", default=None, choices=["low", "medium", "high", "max"],
+                    help="thinking effort (implies --think); the levels and their texts follow --chat-format: "
+                         "0731 has low/high/max, the preview only max adds text")  # fmt: skip
 
 
 def _sampling_flags(sp: argparse.ArgumentParser, server: bool = False) -> None:

@@ -161,11 +161,12 @@ def test_prefill_keeps_snapshots_at_boundaries(engine, tmp_path):
     shared = token_ids(37, vocab, seed=6)
     a, b = shared + token_ids(5, vocab, seed=7), shared + token_ids(6, vocab, seed=8)
     cache = _cache(engine, tmp_path, every=16)
-    state, n = prefill(engine, cache, a)
-    assert (n, state.pos) == (41, 41)
+    state, restored = prefill(engine, cache, a)
+    assert (restored, state.pos) == (0, 41)
     assert cache.summary()["entries"] == 3  # 16, 32, 41
-    state, n = prefill(engine, cache, b)  # restores 41 rolled back to 37 (its room reaches back to 33)
-    assert n == 42 and cache.stats.tokens_saved == 37
+    state, restored = prefill(engine, cache, b)  # restores 41 rolled back to 37 (its room reaches back to 33)
+    assert (restored, state.pos) == (37, 42) and cache.stats.tokens_saved == 37
+    n = 42
     assert rel_err(_continue_from(engine, state, b, n), engine.logits(b)[n:]).max() <= TOL
 
 
@@ -281,6 +282,28 @@ def test_run_reuses_a_long_shared_prefix_across_invocations(tiny_ckpt, tmp_path)
     assert 1024 < common < len(a) - 8
     assert _reused(second.stderr) == common // DEFAULT_EVERY * DEFAULT_EVERY  # the last snapshot boundary
     assert second.stdout == _dsv4(*base, prompts[1]).stdout  # the same answer as without the cache
+
+
+def test_chat_session_in_thinking_mode_reuses_the_previous_prompt(tiny_ckpt):
+    """Thinking mode renders the previous turn without its reasoning: the snapshot the session kept at the
+    end of the previous prompt serves all of it but its last token (`<think>`, now `</think>`)."""
+    from dsv4.session import ChatSession
+
+    engine = dsv4.load(tiny_ckpt("vocab").path, dtype=torch.float32)
+
+    def talk(cache):
+        session, out = ChatSession(engine, thinking_mode="thinking", prefix_cache=cache), []
+        for q in ("Hello there", "And then?", "Why?"):
+            list(session.send(q, max_tokens=4, temperature=0))
+            out.append((session.messages[-1], session.last_result.stats))
+        return out
+
+    plain, cached = talk(None), talk(for_engine(engine, ram="64M"))
+    assert [m for m, _ in cached] == [m for m, _ in plain]  # the same replies
+    assert [st.reused_tokens for _, st in plain] == [0, 0, 0]  # without the cache: every prompt from scratch
+    assert cached[0][1].reused_tokens == 0
+    for (_, before), (_, st) in zip(cached, cached[1:], strict=False):
+        assert st.reused_tokens == before.prompt_tokens - 1
 
 
 def test_chat_resumes_a_saved_conversation_without_prefilling_it_again(tiny_ckpt, tmp_path):
