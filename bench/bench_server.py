@@ -24,6 +24,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import httpx
@@ -44,16 +45,18 @@ def tiny_checkpoint(out: Path) -> Path:
     return out
 
 
-def start_server(model: Path, dtype: str, max_running: int) -> tuple[subprocess.Popen, str]:
+def start_server(model: Path, dtype: str, max_running: int, extra: Sequence[str] = (),
+                 wait_s: float = 60.0) -> tuple[subprocess.Popen, str]:  # fmt: skip
+    """`python -m dsv4.server` on a free port (`extra`: more server flags), once /health answers."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "dsv4.server", "--model", str(model), "--dtype", dtype, "--port", str(port),
-           "--max-running", str(max_running), "--log-level", "warning"]  # fmt: skip
+           "--max-running", str(max_running), "--log-level", "warning", *extra]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     proc = subprocess.Popen(cmd, env=env)
     url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
+    for _ in range(int(wait_s * 10)):
         try:
             if httpx.get(url + "/health", timeout=1).status_code == 200:
                 return proc, url
@@ -63,7 +66,7 @@ def start_server(model: Path, dtype: str, max_running: int) -> tuple[subprocess.
             raise RuntimeError(f"the server exited with status {proc.returncode}")
         time.sleep(0.1)
     proc.terminate()
-    raise RuntimeError("the server did not become healthy within 60 s")
+    raise RuntimeError(f"the server did not become healthy within {wait_s:.0f} s")
 
 
 async def one_stream(

@@ -50,9 +50,14 @@ TASK_TOKENS = {
 THINKING_MODES = ("chat", "thinking")
 # Where an assistant message may carry its reasoning (OpenAI-compatible servers use either name).
 REASONING_KEYS = ("reasoning_content", "reasoning")
-# Only "max" changes the prompt; the others are accepted as the API's names for the default.
-REASONING_EFFORTS = (None, "low", "medium", "high", "max")
+CHAT_FORMATS = ("preview", "0731")
 
+# The reasoning-effort texts, put right after BOS in thinking mode. The preview's encoder has one
+# ("max"); the 0731 encoder (V4-Flash-0731, V4-Pro-0813) names three levels: "low" (its default, no
+# text), "high" (the preview's "max" text, unchanged) and "max" (a new text). Texts as in the 0731
+# encoder's REASONING_EFFORT_PROMPTS, quoted verbatim by public ports, e.g. GitHub
+# Entrpi/ds4 and antirez/ds4 PR 686 (DS4_REASONING_EFFORT_MAX_PREFIX, 528 bytes, an em dash U+2014 after
+# "Beyond maximum"), local-inference-lab/vllm issue 220, sgl-project/sglang issue 33185.
 REASONING_EFFORT_MAX = (
     "Reasoning Effort: Absolute maximum with no shortcuts permitted.\n"
     "You MUST be very thorough in your thinking and comprehensively decompose the problem to resolve "
@@ -62,6 +67,34 @@ REASONING_EFFORT_MAX = (
     "considered alternative, and rejected hypothesis to ensure absolutely no assumption is left "
     "unchecked.\n\n"
 )
+REASONING_EFFORT_0731_MAX = (
+    "Reasoning Effort: Beyond maximum \u2014 exhaustive, relentless, and uncompromising.\n"
+    "You MUST reason with the utmost depth and rigor, leaving absolutely nothing to chance: exhaustively "
+    "decompose the problem into its most fundamental components, trace every causal chain to its root, "
+    "and resolve the underlying cause rather than any surface symptom.\n"
+    "Do not stop reasoning until you have independently verified the solution from multiple angles and "
+    "are certain that no assumption remains unchecked and no error remains undiscovered.\n\n"
+)
+# chat format -> effort -> text. The preview's encoder accepts None, "high" and "max" ("low" and
+# "medium" are kept here as the API's names for its default); the 0731 encoder only low/high/max
+# (None meaning its default, "low").
+REASONING_EFFORT_TEXTS: dict[str, dict[str | None, str]] = {
+    "preview": {None: "", "low": "", "medium": "", "high": "", "max": REASONING_EFFORT_MAX},
+    "0731": {None: "", "low": "", "high": REASONING_EFFORT_MAX, "max": REASONING_EFFORT_0731_MAX},
+}
+
+
+def reasoning_effort_text(reasoning_effort: str | None, chat_format: str = "preview") -> str:
+    """The text a thinking-mode prompt starts with (after BOS) for this effort in this chat format;
+    a ValueError names the levels the format has."""
+    if chat_format not in REASONING_EFFORT_TEXTS:
+        raise ValueError(f"chat format {chat_format!r}: expected one of {CHAT_FORMATS}")
+    texts = REASONING_EFFORT_TEXTS[chat_format]
+    if reasoning_effort not in texts:
+        levels = ", ".join(k for k in texts if k is not None)
+        raise ValueError(f"reasoning_effort {reasoning_effort!r}: the {chat_format} chat format has {levels}")
+    return texts[reasoning_effort]
+
 
 TOOLS_INSTRUCTIONS = (
     "## Tools\n\n"
@@ -318,6 +351,7 @@ def encode_messages(
     *,
     thinking_mode: str = "chat",
     reasoning_effort: str | None = None,
+    chat_format: str = "preview",
     add_generation_prompt: bool = True,
     drop_thinking: bool = True,
     add_bos: bool = True,
@@ -327,13 +361,13 @@ def encode_messages(
     A conversation ending in a user turn ends with `<｜Assistant｜></think>` (chat) or
     `<｜Assistant｜><think>` (thinking); `add_generation_prompt=False` leaves that off.
     `drop_thinking` removes the reasoning of turns before the last user turn (thinking mode only);
-    it is ignored, as in the release, once any message defines tools. `reasoning_effort="max"` puts
-    the fixed effort block right after BOS in thinking mode.
+    it is ignored, as in the release, once any message defines tools. In thinking mode the
+    reasoning-effort text of `chat_format` ("preview" or "0731", see REASONING_EFFORT_TEXTS) goes right
+    after BOS: the preview has one ("max"), 0731 two ("high" = the preview's "max", and a new "max").
     """
     if thinking_mode not in THINKING_MODES:
         raise ValueError(f"thinking_mode {thinking_mode!r}: expected one of {THINKING_MODES}")
-    if reasoning_effort not in REASONING_EFFORTS:
-        raise ValueError(f"reasoning_effort {reasoning_effort!r}: expected one of {REASONING_EFFORTS}")
+    effort_text = reasoning_effort_text(reasoning_effort, chat_format)
     msgs = _sort_tool_results(_merge_tool_messages(messages))
     thinking = thinking_mode == "thinking"
     drop_thinking = drop_thinking and not any(m.get("tools") for m in msgs)
@@ -342,8 +376,8 @@ def encode_messages(
     conv = _Conversation(msgs, thinking, drop_thinking, _last_user_index(msgs))
 
     parts = [BOS] if add_bos else []
-    if thinking and reasoning_effort == "max" and msgs:
-        parts.append(REASONING_EFFORT_MAX)
+    if thinking and msgs:
+        parts.append(effort_text)
     for i in range(len(msgs)):
         parts.append(_render_message(conv, i))
         if i + 1 < len(msgs) or add_generation_prompt:

@@ -507,8 +507,9 @@ def detect_release(cfg: ModelConfig, entries: dict[str, Entry], path: Path | Non
     return Release(name, draft, naming, chat or ("0731" if name == "0731" else "preview"), n_stages)
 
 
-# A line of the 0731 encoder that the preview's lacks: its `max` reasoning effort text (chat.py holds it).
-_0731_ENCODER_MARK = "REASONING_EFFORT_HIGH"
+# What the 0731 encoder defines and the preview's lacks: its table of three reasoning-effort texts
+# (the preview's defines only REASONING_EFFORT_MAX). SGLang tells the two apart the same way.
+_0731_ENCODER_MARK = "REASONING_EFFORT_PROMPTS"
 
 
 def _shipped_chat_format(path: Path | None) -> str | None:

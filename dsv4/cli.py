@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 from .loader import model_dir
@@ -72,9 +73,21 @@ def _load(args: argparse.Namespace):
         import torch
 
         torch.set_num_threads(args.threads)
-    return dsv4.load(model_dir(args.model), device=args.device, dtype=args.dtype, numerics=args.numerics,
-                     max_ram=args.max_ram, max_vram=args.max_vram, cache_policy=args.cache_policy,
-                     progress=sys.stderr.isatty(), prompt_cache=args.prompt_cache is not None)  # fmt: skip
+    engine = dsv4.load(model_dir(args.model), device=args.device, dtype=args.dtype, numerics=args.numerics,
+                       max_ram=args.max_ram, max_vram=args.max_vram, cache_policy=args.cache_policy,
+                       progress=sys.stderr.isatty(), prompt_cache=args.prompt_cache is not None)  # fmt: skip
+    set_chat_format(engine, args)
+    return engine
+
+
+def set_chat_format(engine, args: argparse.Namespace) -> None:
+    """--chat-format: the release's (auto) or a forced one."""
+    engine.chat_format = None if args.chat_format == "auto" else args.chat_format
+
+
+def _thinking_mode(args: argparse.Namespace) -> str:
+    """--think, or a --reasoning-effort (it only means something in thinking mode)."""
+    return "thinking" if args.think or args.reasoning_effort is not None else "chat"
 
 
 def _prompt_cache(args: argparse.Namespace, engine):
@@ -97,7 +110,9 @@ def _sampling(args: argparse.Namespace) -> dict:
 
 def _stats_line(result) -> str:
     st = result.stats
-    line = (f"[{st.prompt_tokens} prompt tokens, {st.generated_tokens} generated; prefill {st.prefill_tps:.1f} tok/s, "
+    reused = f" ({st.reused_tokens} reused from cached state)" if st.reused_tokens else ""
+    prefill = (st.prompt_tokens - st.reused_tokens) / st.prefill_seconds if st.prefill_seconds else 0.0
+    line = (f"[{st.prompt_tokens} prompt tokens{reused}, {st.generated_tokens} generated; prefill {prefill:.1f} tok/s, "
             f"decode {st.decode_tps:.1f} tok/s; finish: {result.finish_reason}")  # fmt: skip
     if st.acceptance_rate is not None:
         line += f"; draft acceptance {st.acceptance_rate:.0%}, mean accepted length {st.mean_accepted_length:.2f}"
@@ -109,31 +124,38 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not prompt:
         raise ValueError("empty prompt: give PROMPT or pipe text on stdin")
     engine = _load(args)
-    chat = args.chat or args.think or (not args.raw and engine.config.vocab_size == OFFICIAL_VOCAB)
-    mode = "thinking" if args.think else "chat"
+    mode = _thinking_mode(args)
+    chat = args.chat or mode == "thinking" or (not args.raw and engine.config.vocab_size == OFFICIAL_VOCAB)
     request = [{"role": "user", "content": prompt}] if chat else prompt
     if not chat:
         print(prompt, end="", flush=True)
-    cache, state, reused = _prompt_cache(args, engine), None, 0
-    if cache is not None:
+    cache, state, reused, restored, t0 = _prompt_cache(args, engine), None, 0, 0, time.perf_counter()
+    if cache is not None:  # restore the longest cached prefix, prefill the rest keeping snapshots on the way
         from .prefix_cache import prefill
 
-        request = engine.encode(request, thinking_mode=mode)
-        state, reused = prefill(engine, cache, request)
+        request = engine.encode(request, thinking_mode=mode, reasoning_effort=args.reasoning_effort)
+        state, restored = prefill(engine, cache, request)
+        reused = len(request) - 1
+    prefill_seconds = time.perf_counter() - t0
     try:
-        for ev in engine.stream(request, thinking_mode=mode, speculative=args.speculative, state=state,
-                                reused=reused, **_sampling(args)):  # fmt: skip
+        for ev in engine.stream(request, thinking_mode=mode, reasoning_effort=args.reasoning_effort,
+                                speculative=args.speculative, state=state, reused=reused, **_sampling(args)):  # fmt: skip
             print(ev.text, end="", flush=True)
     except KeyboardInterrupt:
         print("\n[stopped]", file=sys.stderr)
         return 130
     print()
+    result = engine.last_sequence.result()
     if cache is not None:
         seq = engine.last_sequence
         cache.insert((seq.prompt_ids + seq.output)[: seq.state.pos], seq.state)
         cache.flush()
+        result.stats.reused_tokens = restored
+        result.stats.prefill_seconds += prefill_seconds
     if not args.quiet:
-        print(_stats_line(engine.last_sequence.result()), file=sys.stderr)
+        print(_stats_line(result), file=sys.stderr)
+    if args.speculative and engine.stats().get("speculation_declined"):
+        print(f"[plain decoding: {engine.stats()['speculation_declined']}]", file=sys.stderr)
     return 0
 
 
@@ -141,6 +163,7 @@ CHAT_HELP = """commands:
   /reset          start a new conversation
   /think on|off   thinking mode (reasoning before the answer)
   /save FILE      save the conversation as JSON
+  /stats          token counts and speeds of the last reply
   /help           this text
   /exit           leave (or Ctrl-D); Ctrl-C stops a reply"""
 
@@ -149,8 +172,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from .session import ChatSession
 
     engine = _load(args)
-    session = ChatSession(engine, thinking_mode="thinking" if args.think else "chat", system=args.system,
-                          prefix_cache=_prompt_cache(args, engine))  # fmt: skip
+    session = ChatSession(engine, thinking_mode=_thinking_mode(args), reasoning_effort=args.reasoning_effort,
+                          system=args.system, prefix_cache=_prompt_cache(args, engine))  # fmt: skip
     if args.resume is not None:
         session.load(args.resume)
         print(f"[resumed {len(session.messages)} messages from {args.resume}]")
@@ -198,6 +221,9 @@ def _chat_command(session, line: str) -> bool:
     elif cmd == "/save" and arg:
         session.save(arg)
         print(f"[saved {len(session.messages)} messages to {arg}]")
+    elif cmd == "/stats":
+        last = getattr(session, "last_result", None)
+        print(_stats_line(last) if last is not None else "[no reply yet]")
     elif cmd == "/help":
         print(CHAT_HELP)
     else:
@@ -243,6 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which cached experts make room for new ones (default: lfu, frequency with aging)")  # fmt: skip
     g.add_argument("--threads", type=_positive, default=None,
                    help="CPU threads for the math (default: torch's, one per core)")  # fmt: skip
+    g.add_argument("--chat-format", default="auto", choices=["auto", "preview", "0731"],
+                   help="chat format (reasoning-effort texts): the release's (auto, default), the April "
+                        "preview's (low/high = no text, max) or 0731's (low = no text, high, max)")  # fmt: skip
     add_prompt_cache_flags(common)
 
     sp = sub.add_parser("run", parents=[common], help="generate from a prompt, streaming the text")
@@ -254,12 +283,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--raw", action="store_true", help="plain text completion (default for non-V4 vocabularies)"
     )
     sp.add_argument("--quiet", action="store_true", help="no statistics line on stderr")
+    _effort_flag(sp)
     _sampling_flags(sp)
     sp.set_defaults(fn=cmd_run)
 
     sp = sub.add_parser("chat", parents=[common], help="interactive chat (/help inside for commands)")
     sp.add_argument("--think", action="store_true", help="start in thinking mode")
     sp.add_argument("--system", default=None, help="system prompt")
+    _effort_flag(sp)
     sp.add_argument("--resume", type=Path, default=None, metavar="FILE",
                     help="continue a conversation saved with /save (with --prompt-cache, without prefilling it again)")  # fmt: skip
     _sampling_flags(sp)
@@ -287,6 +318,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=0)
     sp.set_defaults(fn=cmd_tiny)
     return p
+
+
+def _effort_flag(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--reasoning-effort", default=None, choices=["low", "medium", "high", "max"],
+                    help="thinking effort (implies --think); the levels and their texts follow --chat-format: "
+                         "0731 has low/high/max, the preview only max adds text")  # fmt: skip
 
 
 def _sampling_flags(sp: argparse.ArgumentParser, server: bool = False) -> None:

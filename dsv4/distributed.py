@@ -1,12 +1,22 @@
 """Expert parallelism over torch.distributed: several processes (or machines) serve one model.
 
-Every rank holds the dense weights and a disjoint share of each MoE layer's routed experts (expert e
-lives on rank e % N), in its own expert store with its own tiers and RAM budget, reading only its share
-from its own copy of the checkpoint. Rank 0 runs everything else: scheduling, attention, sampling, the
-CLI and the server. At each MoE layer (the MTP layer's too) rank 0 routes, broadcasts the layer's input
-and routing (x [T, D], tokens [T], weights and ids [T, K]), adds the shared expert and its own experts,
-and the ranks' partial sums [T, D] (fp32) are reduced onto it. The other ranks follow these messages;
-they keep no sequence state, so snapshots, rollback, sessions and speculation are rank 0's alone.
+Each rank holds a disjoint share of each MoE layer's routed experts (expert e lives on rank e % N), in
+its own expert store with its own tiers and RAM budget, reading only its share from its own copy of
+the checkpoint. Rank 0 also holds the dense weights and runs everything else: scheduling, attention,
+the shared experts, sampling, the CLI and the server. The other ranks build a `Follower`: their
+experts and the routers (for early-routing prefetch), nothing dense. At each MoE layer (the MTP
+layer's and DSpark stages' too) rank 0 routes, broadcasts the layer's input and routing (x [T, D],
+tokens [T], weights and ids [T, K]), adds the shared expert and its own experts, and the ranks'
+partial sums [T, D] (fp32) are reduced onto it. The other ranks follow these messages; they keep no
+sequence state, so snapshots, rollback, sessions and speculation are rank 0's alone.
+
+Why broadcast + reduce rather than an all-to-all dispatch (each token's x only to the ranks holding
+its experts, each of those returning one partial row): a token's K experts spread over N ranks reach
+a share 1 - (1 - 1/N)^K of the other ranks anyway, so for single-token decode (K = 6) the dispatch
+saves 2 % of the bytes at N = 2, 18 % at N = 4 and 45 % at N = 8, and for a batch of a few tokens
+nearly nothing, at the price of N - 1 point-to-point messages per layer instead of two collectives.
+For the 2 to 4 machines this targets, the broadcast wins on simplicity and loses little;
+bench/bench_distributed.py counts both on real routing (`CommStats.dispatch_bytes`).
 
 Protocol: every message opens with a header broadcast, int64 [op, layer, T]. MOE is followed by the
 payload broadcast and the reduce; NOOP keeps idle followers' collective timeout from firing (rank 0
@@ -72,6 +82,7 @@ class CommStats:
     exchanges: int = 0
     bytes_sent: int = 0
     bytes_received: int = 0
+    dispatch_bytes: int = 0  # both ways, had each rank got only the rows routed to its experts
     send_seconds: float = 0.0  # header + payload broadcasts
     reduce_seconds: float = 0.0  # includes waiting for the slowest rank's experts
 
@@ -113,6 +124,7 @@ class Comm:
             self._collective(f"sending layer {index}'s input", dist.broadcast, payload, 0)
             self.stats.send_seconds += time.perf_counter() - t0
             self.stats.bytes_sent += (payload.numel() + 24) * (self.ranks - 1)
+            self.stats.dispatch_bytes += self._dispatch_bytes(x, ids)
         except BaseException:
             self._lock.release()
             raise
@@ -130,6 +142,15 @@ class Comm:
             return y.to(partial.device)
         finally:
             self._lock.release()
+
+    def _dispatch_bytes(self, x: torch.Tensor, ids: torch.Tensor) -> int:
+        """What an all-to-all dispatch would move for this routing: a header per rank, and per (token,
+        other rank holding one of its experts) the token's row, routing and id out, a fp32 row back."""
+        t, d = x.shape
+        hit = torch.zeros(t, self.ranks, dtype=torch.bool)
+        hit.scatter_(1, ids.cpu() % self.ranks, True)
+        pairs = int(hit[:, 1:].sum())
+        return 24 * (self.ranks - 1) + pairs * (d * x.element_size() + 12 * ids.shape[1] + 8 + 4 * d)
 
     def release(self) -> None:
         """Rank 0: the model is done with; the followers' `follow` returns. A no-op after a failure."""
@@ -366,14 +387,67 @@ def ops_shared(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     return ops.expert_mlp(x, *moe.shared.weights(), moe.limit).float()
 
 
-def _blocks(model: Transformer) -> list:
+def _blocks(model) -> list:
     """Every block with a MoE, in exchange-index order: the layers, the MTP layers, the DSpark stages."""
+    if isinstance(model, Follower):
+        return list(model.layers) + list(model.drafts)
     blocks = list(model.layers) + [m.block for m in model.mtp]
     dspark = getattr(model, "dspark", None)
     return blocks + (list(dspark.stages) if dspark is not None else [])
 
 
-def parallelize(model: Transformer, comm: Comm) -> list[ParallelMoE]:
+class ExpertShard(nn.Module):
+    """A follower's part of one MoE layer: the router (hash table or gate: early-routing prefetch
+    guesses with it) and this rank's routed experts. The routing math is MoE's own."""
+
+    route, prefetch_hashed, add_routed = MoE.route, MoE.prefetch_hashed, MoE.add_routed
+
+    def __init__(self, cfg, src, p: str, hashed: bool, experts):
+        super().__init__()
+        self.gate = nn.Parameter(src.tensor(f"{p}.gate.weight").float(), requires_grad=False)
+        self.register_buffer(
+            "tid2eid", src.tensor(f"{p}.gate.tid2eid").long() if hashed else None, persistent=False
+        )
+        self.bias = (
+            None if hashed else nn.Parameter(src.tensor(f"{p}.gate.bias").float(), requires_grad=False)
+        )
+        self.experts = experts
+        self.k, self.score_func, self.route_scale, self.limit = (
+            cfg.n_activated_experts, cfg.score_func, cfg.route_scale, cfg.swiglu_limit)  # fmt: skip
+
+
+class _Slot(nn.Module):
+    """Where a block's MoE sits (`.ffn`), which is all a follower keeps of a block."""
+
+    def __init__(self, ffn: nn.Module):
+        super().__init__()
+        self.ffn = ffn
+
+
+class Follower(nn.Module):
+    """What a follower rank builds instead of the Transformer (same constructor arguments): one
+    ExpertShard per MoE, in rank 0's exchange order. No attention, shared experts, embedding or head:
+    rank 0 runs those, so a follower's memory is its experts (and its routers)."""
+
+    def __init__(self, cfg, src, numerics, expert_provider, with_mtp: bool = True, progress=None):
+        super().__init__()
+        self.cfg, self.numerics = cfg, numerics
+
+        def slot(p: str, hashed: bool) -> _Slot:
+            return _Slot(ExpertShard(cfg, src, f"{p}.ffn", hashed, expert_provider(f"{p}.ffn.experts")))
+
+        self.layers = nn.ModuleList()
+        for i in range(cfg.n_layers):
+            self.layers.append(slot(f"layers.{i}", cfg.hash_layers[i]))
+            if progress is not None:
+                progress(i)
+        drafts = range(cfg.n_mtp_layers) if with_mtp else ()
+        if getattr(cfg, "dspark", False):  # the DSpark stages, counted as Transformer counts them
+            drafts = range(len({n.split(".")[1] for n in src.names() if n.startswith("mtp.")}))
+        self.drafts = nn.ModuleList(slot(f"mtp.{j}", False) for j in drafts)
+
+
+def parallelize(model: Transformer | Follower, comm: Comm) -> list[ParallelMoE]:
     """Replace every MoE (the MTP layers' and DSpark stages' too) by its expert-parallel form."""
     cfg = model.cfg
     comm.layout = (cfg.dim, cfg.n_activated_experts, model.numerics.dtype)
@@ -383,7 +457,7 @@ def parallelize(model: Transformer, comm: Comm) -> list[ParallelMoE]:
     return [block.ffn for block in _blocks(model)]
 
 
-def follow(model: Transformer, comm: Comm) -> None:
+def follow(model: Transformer | Follower, comm: Comm) -> None:
     """A follower's loop: serve rank 0's MoE exchanges until it says STOP."""
     layers = [block.ffn for block in _blocks(model)]
     n_main = len(model.layers)
@@ -466,14 +540,16 @@ def check_same(comm: Comm, mine: dict[str, str]) -> None:
 
 def load_share(path: str | Path, comm: Comm, *, device="cpu", dtype=torch.bfloat16, numerics: str = "exact",
                **kwargs) -> tuple[Transformer, object]:  # fmt: skip
-    """This rank's model: dense weights and its share of the routed experts, MoEs made parallel."""
+    """This rank's model, its MoEs made parallel: rank 0's the Transformer with its share of the routed
+    experts; every other rank's a Follower (its share of the experts and the routers, nothing dense)."""
     from .config import ModelConfig
     from .loader import load_model
 
     check_same(comm, fingerprint(path, dtype, numerics))
     cfg = ModelConfig.from_file(path)
     mine = share(cfg.n_routed_experts, comm.rank, comm.ranks)
-    model, ckpt = load_model(path, device=device, dtype=dtype, numerics=numerics, expert_ids=mine, **kwargs)
+    model, ckpt = load_model(path, device=device, dtype=dtype, numerics=numerics, expert_ids=mine,
+                             build=Transformer if comm.rank == 0 else Follower, **kwargs)  # fmt: skip
     parallelize(model, comm)
     comm.loads += 1
     comm.loaded(comm.loads, float(os.environ.get("DSV4_DIST_LOAD_TIMEOUT", 3600)))

@@ -28,6 +28,24 @@ class Engine:
         self.checkpoint = checkpoint
         self._tokenizer = tokenizer
         self._speculation = {"rounds": 0, "drafted": 0, "accepted": 0}
+        self._chat_format: str | None = None
+
+    @property
+    def chat_format(self) -> str:
+        """The chat format prompts are rendered in: "preview" or "0731". The detected release's
+        (`model.release.chat`) unless set (the CLI's --chat-format)."""
+        if self._chat_format is not None:
+            return self._chat_format
+        release = getattr(self.model, "release", None)
+        return release.chat if release is not None else "preview"
+
+    @chat_format.setter
+    def chat_format(self, value: str | None) -> None:
+        from .chat import CHAT_FORMATS
+
+        if value is not None and value not in CHAT_FORMATS:
+            raise ValueError(f"chat format {value!r}: expected one of {CHAT_FORMATS} (or None: the release's)")  # fmt: skip
+        self._chat_format = value
 
     @property
     def config(self) -> ModelConfig:
@@ -46,7 +64,8 @@ class Engine:
 
     def encode(self, prompt: Prompt, *, thinking_mode: str = "chat", reasoning_effort: str | None = None,
                tools: list[dict] | None = None) -> list[int]:  # fmt: skip
-        """Token ids of a prompt: ids pass through, text gets BOS, chat messages use the V4 format."""
+        """Token ids of a prompt: ids pass through, text gets BOS, chat messages use the V4 format
+        (`chat_format`: the preview's or 0731's reasoning-effort levels)."""
         if isinstance(prompt, str):
             return [self.tokenizer.bos_id, *self.tokenizer.encode(prompt)]
         if prompt and all(isinstance(m, dict) for m in prompt):
@@ -55,23 +74,24 @@ class Engine:
             messages = list(prompt)
             if tools:
                 messages = _attach_tools(messages, tools)
-            return encode_messages_ids(
-                self.tokenizer, messages, thinking_mode=thinking_mode, reasoning_effort=reasoning_effort
-            )
+            return encode_messages_ids(self.tokenizer, messages, thinking_mode=thinking_mode,
+                                       reasoning_effort=reasoning_effort, chat_format=self.chat_format)  # fmt: skip
         if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             return list(prompt)
         raise TypeError("a prompt is text, a list of token ids, or a list of chat messages (dicts)")
 
     def sequence(self, prompt_ids: list[int], params: SamplingParams, state: SeqState | None = None,
-                 reused: int = 0) -> Sequence:  # fmt: skip
-        """A new in-flight sequence (for the scheduler); `reused` prompt tokens are already in `state`."""
+                 reused: int = 0, speculative: bool = False) -> Sequence:  # fmt: skip
+        """A new in-flight sequence (for the scheduler); `reused` prompt tokens are already in `state`.
+        `speculative`: the scheduler verifies DSpark draft blocks for it (see `Scheduler`)."""
         tok = self._tokenizer if self._tokenizer is not None else self._try_tokenizer()
         if params.stop and tok is None:
             raise ValueError(
                 "stop strings need a tokenizer; this checkpoint has none that fits its vocabulary"
             )
         return Sequence(prompt_ids, params, state if state is not None else self.new_state(),
-                        vocab_size=self.config.vocab_size, eos_id=self.config.eos_token_id, tokenizer=tok, reused=reused)  # fmt: skip
+                        vocab_size=self.config.vocab_size, eos_id=self.config.eos_token_id, tokenizer=tok, reused=reused,
+                        speculative=speculative)  # fmt: skip
 
     def _try_tokenizer(self):
         try:
@@ -82,22 +102,27 @@ class Engine:
 
     # ---- generation ----
 
-    def stream(self, prompt: Prompt, *, speculative: bool = False, state: SeqState | None = None, reused: int = 0,
+    def stream(self, prompt: Prompt, *, speculative: bool | str = False, state: SeqState | None = None, reused: int = 0,
                thinking_mode: str = "chat", reasoning_effort: str | None = None, tools: list[dict] | None = None,
                **params: Any) -> Iterator[Event]:  # fmt: skip
         """Generate for one prompt, yielding an Event per token (text deltas safe to show).
 
         Chat messages are rendered with thinking_mode / reasoning_effort / tools; `params` are
         `SamplingParams` fields. `state` + `reused` continue a cached state (sessions).
+        speculative=True drafts with the checkpoint's draft where that is measured to pay (see
+        `speculative.declined`; else decodes plainly and `stats()` says why); "always" drafts regardless.
         """
         ids = self.encode(prompt, thinking_mode=thinking_mode, reasoning_effort=reasoning_effort, tools=tools)
         seq = self.sequence(ids, SamplingParams.of(**params), state, reused)
         self.last_sequence = seq
         if speculative:
-            from .speculative import speculative_events
+            from .speculative import declined, speculative_events
 
-            yield from speculative_events(self, seq)
-            return
+            reason = None if speculative == "always" else declined(self)
+            if reason is None:
+                yield from speculative_events(self, seq)
+                return
+            self._speculation["declined"] = reason  # decode plainly: measured to be faster here
         sched = Scheduler(self)
         sched.add(seq)
         yield from sched.run()
@@ -112,8 +137,9 @@ class Engine:
         """New token ids for one sequence (or for each of several, decoded together in one batch)."""
         many = bool(token_ids) and isinstance(token_ids[0], list)
         prompts = token_ids if many else [token_ids]
-        if params.pop("speculative", False) and not many:
-            return self.complete(list(token_ids), speculative=True, **params).token_ids
+        speculative = params.pop("speculative", False)
+        if speculative and not many:
+            return self.complete(list(token_ids), speculative=speculative, **params).token_ids
         sp = SamplingParams.of(**params)
         seqs = [self.sequence(list(p), sp) for p in prompts]
         sched = Scheduler(self, max_running=len(seqs), max_step_tokens=max(256, len(seqs)))
@@ -130,6 +156,8 @@ class Engine:
 
         out: dict[str, Any] = {"rss_bytes": rss_bytes(), "peak_rss_bytes": peak_rss_bytes()}
         spec = self._speculation
+        if spec.get("declined"):
+            out["speculation_declined"] = spec["declined"]
         if spec["rounds"]:
             out["speculative"] = {**spec, "acceptance_rate": spec["accepted"] / spec["drafted"],
                                   "mean_accepted_length": (spec["accepted"] + spec["rounds"]) / spec["rounds"]}  # fmt: skip
@@ -172,17 +200,24 @@ class Engine:
 
     @torch.inference_mode()
     def step(
-        self, seqs: list[list[int]], states: list[SeqState], all_logits: bool = False
+        self, seqs: list[list[int]], states: list[SeqState], all_logits: bool | list[bool] = False
     ) -> list[torch.Tensor]:
-        """Feed new tokens to each sequence; return per sequence its logits [S, V] (or [1, V], the last)."""
+        """Feed new tokens to each sequence; return per sequence its logits [S, V] (or [1, V], the last).
+        `all_logits` may be a list: one flag per sequence (speculative ones verify every fed token)."""
         batch = self.model.make_batch(seqs, states)
         h = self.model(batch, states)
-        if all_logits:
+        if all_logits is True:
             logits = self.model.logits_from(h)
             return [logits[a:b] for a, b in batch.segments]
-        last = torch.tensor([b - 1 for _, b in batch.segments], device=h.device)
-        logits = self.model.logits_from(h[last])
-        return [logits[i : i + 1] for i in range(len(seqs))]
+        every = all_logits if isinstance(all_logits, list) else [False] * len(seqs)
+        spans = [(a, b) if full else (b - 1, b) for (a, b), full in zip(batch.segments, every, strict=True)]
+        rows = torch.tensor([r for a, b in spans for r in range(a, b)], device=h.device)
+        logits = self.model.logits_from(h[rows])
+        out, at = [], 0
+        for a, b in spans:
+            out.append(logits[at : at + b - a])
+            at += b - a
+        return out
 
     def prefill(self, ids: list[int], state: SeqState | None = None, chunk: int | None = None,
                 all_logits: bool = False) -> tuple[torch.Tensor, SeqState]:  # fmt: skip

@@ -10,9 +10,10 @@ and the server drive the same scheduler. This module knows no HTTP and no chat f
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -22,6 +23,7 @@ from .model import SeqState
 from .sampling import Sampler, SamplingParams, TokenLogprob
 
 _ids = itertools.count(1)
+log = logging.getLogger("dsv4.generate")
 
 
 @dataclass
@@ -119,7 +121,7 @@ class Sequence:
     """One request in flight."""
 
     def __init__(self, prompt_ids: list[int], params: SamplingParams, state: SeqState, *, vocab_size: int,
-                 eos_id: int | None, tokenizer=None, reused: int = 0):  # fmt: skip
+                 eos_id: int | None, tokenizer=None, reused: int = 0, speculative: bool = False):  # fmt: skip
         if not prompt_ids:
             raise ValueError("the prompt is empty: give at least one token")
         self.id = next(_ids)
@@ -127,6 +129,7 @@ class Sequence:
         self.params = params
         self.state = state
         self.pending = self.prompt_ids[reused:]  # tokens still to feed
+        self.speculative = speculative  # decode with the checkpoint's draft where the scheduler can
         self.output: list[int] = []
         self.logprobs: list[TokenLogprob] = []
         self.sampler = Sampler(params, prompt_ids, vocab_size)
@@ -197,6 +200,15 @@ class Scheduler:
 
     `max_step_tokens` bounds the tokens of one step (decode tokens first, then prefill chunks);
     `max_running` bounds the sequences holding KV state; the rest wait in order.
+
+    Speculative sequences (`Sequence.speculative`) on a checkpoint with a DSpark draft decode in blocks:
+    each step drafts B tokens for every such decoder, the shared forward pass verifies them (all B + 1
+    logits of that segment) beside the other sequences' tokens and prefill chunks, and each sequence
+    keeps its accepted prefix and rolls its state back past the rest. Where it cannot, the sequence
+    decodes plainly that step and `fallbacks` counts why (logged once per reason): "mtp" (the preview's
+    MTP layer drafts from the main model's last streams and keeps a window state of its own that only a
+    single-sequence loop feeds: `speculative_events`), "budget" (the step's token budget has no room for
+    a block), "rollback" (the state cannot forget B + 1 tokens), "draft_error" (the draft raised).
     """
 
     def __init__(self, engine, *, max_step_tokens: int = 256, max_running: int = 16):
@@ -205,6 +217,7 @@ class Scheduler:
         self.max_running = max(1, max_running)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.fallbacks: Counter[str] = Counter()  # speculative decode steps taken plainly, by reason
         self._lock = threading.Lock()
 
     def add(self, seq: Sequence) -> None:
@@ -238,19 +251,73 @@ class Scheduler:
                 budget -= n
         if not plan:
             return []
-        logits = self.engine.step([t for _, t in plan], [s.state for s, _ in plan])
+        blocks = self._draft(plan, budget)
+        feeds = [fed + blocks[s.id][0] if s.id in blocks else fed for s, fed in plan]
+        states = [s.state for s, _ in plan]
+        if blocks:
+            logits = self.engine.step(feeds, states, [s.id in blocks for s, _ in plan])
+        else:
+            logits = self.engine.step(feeds, states)
         events = []
         for (s, fed), lg in zip(plan, logits, strict=True):
             s.pending = s.pending[len(fed) :]
             if s.pending:  # prompt not finished: no token yet
                 continue
             try:
-                events.append(s.append(s.sampler.sample(lg[-1]), lg[-1]))
+                if s.id in blocks:
+                    events += self._settle(s, *blocks[s.id], lg)
+                else:
+                    events.append(s.append(s.sampler.sample(lg[-1]), lg[-1]))
             except Exception as e:  # one sequence's sampler or detokenizer must not end the others
                 s.finish_reason = "error"
                 events.append(s.fail(e))
         with self._lock:
             self.running = [s for s in self.running if s.finish_reason is None]
+        return events
+
+    # ---- speculative decoding ----
+
+    def _draft(self, plan: list[tuple[Sequence, list[int]]], budget: int) -> dict[int, tuple[list[int], list]]:  # fmt: skip
+        """Draft blocks for the speculative decoders of this step: seq id -> (drafts, their q rows)."""
+        blocks: dict[int, tuple[list[int], list]] = {}
+        wanted = [s for s, _ in plan if s.speculative and not s.prefilling and len(s.pending) == 1]
+        if not wanted:
+            return blocks
+        model = self.engine.model
+        if model.dspark is None:
+            return self._fall_back(wanted, "mtp" if model.mtp else "no_draft", blocks)
+        from .speculative import propose
+
+        b = model.dspark.block_size
+        for s in wanted:
+            if s.state.max_rollback < b + 1:
+                self._fall_back([s], "rollback", blocks)
+            elif budget < b:
+                self._fall_back([s], "budget", blocks)
+            else:
+                try:
+                    blocks[s.id] = propose(model, s)
+                    budget -= b
+                except Exception:
+                    log.exception("sequence %d: the DSpark draft failed; decoding this step plainly", s.id)
+                    self._fall_back([s], "draft_error", blocks)
+        return blocks
+
+    def _fall_back(self, seqs: list[Sequence], reason: str, blocks: dict) -> dict:
+        if reason not in self.fallbacks:
+            log.warning("speculative sequences decode plainly: %s (see Scheduler)", reason)
+        self.fallbacks[reason] += len(seqs)
+        return blocks
+
+    def _settle(self, s: Sequence, drafts: list[int], qs: list, logits: torch.Tensor) -> list[Event]:
+        from .speculative import settle
+
+        before = (s.stats.draft_tokens, s.stats.accepted_tokens)
+        events = settle(s, drafts, qs, logits)
+        note = getattr(self.engine, "note_speculation", None)
+        if note is not None:  # the engine's running totals (stats(), /metrics)
+            note(Stats(draft_tokens=s.stats.draft_tokens - before[0],
+                       accepted_tokens=s.stats.accepted_tokens - before[1], draft_rounds=1))  # fmt: skip
         return events
 
     def run(self) -> Iterator[Event]:

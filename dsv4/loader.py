@@ -49,7 +49,8 @@ def parse_numerics(dtype: torch.dtype | str, numerics: str) -> Numerics:
 def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | str = torch.bfloat16,
                numerics: str = "exact", max_ram: str | int | None = None, max_vram: str | int | None = None,
                cache_policy: str = "lfu", progress: bool = False,
-               prompt_cache: bool = False, expert_ids: list[int] | None = None) -> tuple[Transformer, Checkpoint]:  # fmt: skip
+               prompt_cache: bool = False, expert_ids: list[int] | None = None,
+               build=Transformer) -> tuple[Transformer, Checkpoint]:  # fmt: skip
     """Validate the checkpoint against its config, then build the model on `device`.
 
     Without budgets every routed expert is loaded into memory. With `max_ram` (bytes or "12G") the
@@ -60,6 +61,8 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: t
     (`model.prompt_cache_bytes`) before the expert cache is sized.
     `expert_ids`: the routed experts (of every MoE layer) this process holds and reads; None: all of
     them (expert parallelism gives each rank a disjoint share, see `dsv4.distributed`).
+    `build`: the module built, with Transformer's constructor arguments (a follower rank of
+    `dsv4.distributed` builds only its experts and routers).
     """
     cfg = ModelConfig.from_file(path)
     ckpt = Checkpoint(path)
@@ -87,7 +90,7 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: t
         provider = partial(_resident_share, ckpt, cfg.n_routed_experts, nums.dtype, list(expert_ids))
     else:
         provider = None
-    model = _build(cfg, ckpt, device, nums, provider, progress, release.draft == "mtp")
+    model = _build(build, cfg, ckpt, device, nums, provider, progress, release.draft == "mtp")
     # What the folder is (checkpoint.Release): a DSpark draft's mtp.* tensors were validated but are not
     # part of the Transformer; the draft builds them from `ckpt` (official names, its stages' experts
     # through `model.store`) when speculation asks for it.
@@ -121,7 +124,7 @@ def _ram_budget(max_ram, ckpt: Checkpoint, cfg: ModelConfig, expert_ids: list[in
     return parse_size(max_ram)
 
 
-def _build(cfg, ckpt, device, numerics, provider, progress, with_mtp: bool) -> Transformer:
+def _build(build, cfg, ckpt, device, numerics, provider, progress, with_mtp: bool) -> Transformer:
     bar = None
     if progress:
         from tqdm import tqdm
@@ -129,8 +132,8 @@ def _build(cfg, ckpt, device, numerics, provider, progress, with_mtp: bool) -> T
         bar = tqdm(total=cfg.n_layers, desc="loading layers", unit="layer", leave=False)
     try:
         with torch.device(device):
-            model = Transformer(cfg, ckpt, numerics, provider, with_mtp=with_mtp,
-                                progress=(lambda i: bar.update(1)) if bar else None)  # fmt: skip
+            model = build(cfg, ckpt, numerics, provider, with_mtp=with_mtp,
+                          progress=(lambda i: bar.update(1)) if bar else None)  # fmt: skip
     finally:
         if bar is not None:
             bar.close()

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import ops
+from . import kernels, ops
 from .config import ModelConfig
 from .quant import Dense, Weight, hadamard, simulate_fp4, simulate_fp8
 from .state import DEFAULT_MAX_ROLLBACK, CompressorState, Entries, LayerState, Ring, SeqState
@@ -122,6 +122,13 @@ class HyperConnection(nn.Module):
 
     def pre(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """h [T, n, D] -> block input [T, D], post [T, n], comb [T, n, n] (fp32)."""
+        ext = kernels.fused(h, self.fn, self.base, self.scale)
+        if ext is not None:  # one call instead of ~100 tiny ops (the Sinkhorn iterations)
+            return tuple(ext.hc_pre(h, self.fn, self.scale, self.base, self.iters, self.eps, self.norm_eps))
+        return self.pre_torch(h)
+
+    def pre_torch(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The reference `pre`."""
         n, eps = self.n, self.eps
         flat = h.flatten(1).float()
         mixes = F.linear(flat, self.fn) * torch.rsqrt(flat.square().mean(-1, keepdim=True) + self.norm_eps)
@@ -139,6 +146,16 @@ class HyperConnection(nn.Module):
     @staticmethod
     def post(out: torch.Tensor, h: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
         """New stream k = post_k * out + sum_j comb[j, k] * h_j."""
+        ext = kernels.fused(out, h, post, comb)
+        if ext is not None and out.dtype == h.dtype:
+            return ext.hc_post(out, h, post, comb)
+        return HyperConnection.post_torch(out, h, post, comb)
+
+    @staticmethod
+    def post_torch(
+        out: torch.Tensor, h: torch.Tensor, post: torch.Tensor, comb: torch.Tensor
+    ) -> torch.Tensor:
+        """The reference `post`."""
         mixed = torch.einsum("tjk,tjd->tkd", comb, h.float())
         return (post.unsqueeze(-1) * out.float().unsqueeze(1) + mixed).to(h.dtype)
 
@@ -304,12 +321,12 @@ class Attention(nn.Module):
     def queries(self, x: torch.Tensor, cos_sin) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, D] -> the low-rank query qr [T, q_lora_rank] and the heads q [T, H, hd] (normed, RoPE'd)."""
         qr = ops.rms_norm(self.wq_a(x), self.q_norm, self.eps)
-        q = ops.rms_norm(self.wq_b(qr).unflatten(-1, (self.n_heads, self.hd)), None, self.eps)
-        return qr, ops.rope(q, *cos_sin)
+        q = self.wq_b(qr).unflatten(-1, (self.n_heads, self.hd))
+        return qr, ops.norm_rope(q, None, self.eps, *cos_sin)
 
     def keys(self, x: torch.Tensor, cos_sin) -> torch.Tensor:
         """x [T, D] -> the shared K=V head [T, hd] (normed, RoPE'd; FP8-rounded as released)."""
-        kv = ops.rope(ops.rms_norm(self.wkv(x), self.kv_norm, self.eps), *cos_sin)
+        kv = ops.norm_rope(self.wkv(x), self.kv_norm, self.eps, *cos_sin)
         return _round_kv(kv, self.rd) if self.numerics.released else kv
 
     def output(self, o: torch.Tensor, cos_sin) -> torch.Tensor:
@@ -408,6 +425,15 @@ class MoE(nn.Module):
     def route(self, x: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Router weights [T, K] (fp32) and expert ids [T, K]."""
         logits = F.linear(x.float(), self.gate)
+        ext = kernels.fused(logits)
+        if ext is not None:
+            hashed = self.tid2eid[tokens] if self.tid2eid is not None else None
+            func = {"softmax": 0, "sigmoid": 1}.get(self.score_func, 2)  # else sqrt(softplus)
+            return tuple(ext.route(logits, self.bias, hashed, self.k, func, self.route_scale))
+        return self.route_torch(logits, tokens)
+
+    def route_torch(self, logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reference `route`, from the router logits [T, E] (fp32)."""
         if self.score_func == "softmax":
             scores = logits.softmax(dim=-1)
         elif self.score_func == "sigmoid":
@@ -431,7 +457,7 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         weights, ids = self.route(x, tokens)
-        used = torch.unique(ids).tolist()
+        used = sorted(set(ids.flatten().tolist()))
         prefetch_next = getattr(self.experts, "prefetch_next", None)
         if prefetch_next is not None:  # start reading the next layer's likely experts while this one computes
             prefetch_next(x, tokens, used)
@@ -442,11 +468,18 @@ class MoE(nn.Module):
                    used: list[int]) -> torch.Tensor:  # fmt: skip
         """y [T, D] fp32 plus the routed experts `used`' contributions (x [T, D], weights/ids [T, K])."""
         group = getattr(self.experts, "group", None) or max(len(used), 1)  # a store bounds how many it hands out at once
+        # decode (one token, K distinct experts): no gather/scatter, y + out is what index_add computes
+        slot_of = {e: k for k, e in enumerate(ids[0].tolist())} if ids.shape[0] == 1 else {}
+        one = len(slot_of) == ids.shape[1]
         for i in range(0, len(used), group):
             chunk = used[i : i + group]
             got = self.experts.get(chunk)
             for e in chunk:  # a fixed order: the sum must not depend on where experts came from
                 w1, w2, w3 = got[e]
+                if one:
+                    k = slot_of[e]
+                    y = y + ops.expert_mlp(x, w1, w2, w3, self.limit, weights[:, k : k + 1]).float()
+                    continue
                 rows, slot = torch.where(ids == e)
                 out = ops.expert_mlp(x[rows], w1, w2, w3, self.limit, weights[rows, slot, None])
                 y = y.index_add(0, rows, out.float())

@@ -2,8 +2,10 @@
 
 `linear` dispatches on the weight's format object (`Dense`, `FP8Block`, `MXFP4` from `quant`); the
 quantized formats go to `dsv4.kernels`, which takes its compiled CPU kernels where they apply and
-otherwise its plain-torch reference (dequantize in fp32, then matmul): one reference path for both. The other helpers (RMSNorm, interleaved RoPE, the clamped
-SwiGLU, attention with a sink) are small enough to stay plain torch.
+otherwise its plain-torch reference (dequantize in fp32, then matmul): one reference path for both.
+RMSNorm and interleaved RoPE take the kernels' fused op where it applies (one call instead of a
+dozen tiny ATen ops: the batch-1 step is dominated by such dispatch), their `*_torch` reference
+otherwise; the clamped SwiGLU and attention with a sink stay plain torch.
 
 It knows nothing of layers, checkpoints or sequences.
 """
@@ -46,11 +48,10 @@ def grouped_linear(x: torch.Tensor, w: Weight, groups: int) -> torch.Tensor:
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     """RMSNorm in fp32, cast back to x's dtype; weight None gives the weightless form."""
-    xf = x.float()
-    y = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
-    if weight is not None:
-        y = weight.float() * y
-    return y.to(x.dtype)
+    ext = kernels.fused(x, weight)
+    if ext is not None:
+        return ext.norm_rope(x, weight, eps, None, None, False)
+    return rms_norm_torch(x, weight, eps)
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
@@ -58,6 +59,31 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = 
 
     x `[T, ..., D]`; cos, sin `[T, R/2]` broadcast over the middle dims. fp32 math, x's dtype out.
     """
+    ext = kernels.fused(x, cos, sin)
+    if ext is not None:
+        return ext.norm_rope(x, None, -1.0, cos, sin, inverse)
+    return rope_torch(x, cos, sin, inverse)
+
+
+def norm_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float, cos: torch.Tensor, sin: torch.Tensor):
+    """`rope(rms_norm(x, weight, eps), cos, sin)` in one pass where the fused ops are available."""
+    ext = kernels.fused(x, weight, cos, sin)
+    if ext is not None:
+        return ext.norm_rope(x, weight, eps, cos, sin, False)
+    return rope_torch(rms_norm_torch(x, weight, eps), cos, sin)
+
+
+def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """The reference `rms_norm`."""
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
+    if weight is not None:
+        y = weight.float() * y
+    return y.to(x.dtype)
+
+
+def rope_torch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """The reference `rope`."""
     r = cos.shape[-1] * 2
     shape = (cos.shape[0],) + (1,) * (x.dim() - 2) + (cos.shape[-1],)
     c, s = cos.view(shape), sin.view(shape)

@@ -203,6 +203,15 @@ def exchange_bytes(cfg: ModelConfig, tokens: int = 1, act_bytes: int = 2) -> tup
     return 24 + tokens * (12 * k + 8 + d * act_bytes), tokens * d * 4
 
 
+def dispatch_bytes(cfg: ModelConfig, ranks: int, act_bytes: int = 2) -> float:
+    """Expected bytes per token and MoE layer (both ways, rank 0's link) of an all-to-all dispatch: x,
+    routing and a fp32 row back only for the other ranks holding one of the token's K experts, a
+    share 1 - (1 - 1/N)^K of them under uniform routing (what dsv4.distributed's broadcast sends to all)."""
+    k, d = cfg.n_activated_experts, cfg.dim
+    reached = (ranks - 1) * (1 - (1 - 1 / ranks) ** k)
+    return 24 * (ranks - 1) + reached * (12 * k + 8 + d * act_bytes + 4 * d)
+
+
 def network_seconds_per_token(cfg: ModelConfig, ranks: int, link: Link, act_bytes: int = 2) -> float:
     """One decoded token's time on the wire: per MoE layer three collectives (header, payload, reduce),
     each ceil(log2 N) latencies deep, and rank 0's link carrying N-1 copies each way (star: an upper bound
@@ -218,27 +227,30 @@ def network_seconds_per_token(cfg: ModelConfig, ranks: int, link: Link, act_byte
 def render_ranks(plan: Plan, cfg: ModelConfig, ranks: int, link: Link) -> str:
     """Each rank's share and memory, and the decode bound with the network time added. Every rank reads
     its experts in parallel (an active expert per token lives on one rank): the experts' time divides by N
-    when routing spreads evenly, the dense weights are read by rank 0 alone."""
+    when routing spreads evenly. Rank 0 alone holds and reads the dense weights; the other ranks hold
+    their experts and the routers, so their budget (the same --ram) caches more of their share."""
     share = plan.expert_bytes / ranks
-    per_rank_cache = min(share, max(0, plan.cache_bytes))  # each rank's own budget holds its own share
-    hit = per_rank_cache / share if share else 1.0
+    routers = cfg.n_layers * cfg.n_routed_experts * cfg.dim * 4
+    caches = [plan.cache_bytes] + [plan.cache_bytes + plan.dense_bytes - routers] * (ranks - 1)
+    hits = [min(share, max(0, c)) / share if share else 1.0 for c in caches]
     ram, disk = plan.ram_gbs * 1e9, plan.disk_gbs * 1e9
-    experts = plan.expert_bytes_per_token / ranks * (hit / ram + (1 - hit) / disk)
+    experts = plan.expert_bytes_per_token / ranks * (hits[0] / ram + (1 - hits[0]) / disk)  # the slowest rank
     net = network_seconds_per_token(cfg, ranks, link)
     compute = plan.dense_bytes / ram + experts
     sent, got = exchange_bytes(cfg)
     out = [
         "",
-        f"expert parallel over {ranks} ranks (experts e % {ranks} on rank r; dense weights on every rank)",
+        f"expert parallel over {ranks} ranks (experts e % {ranks} on rank r; dense weights on rank 0, routers on all)",
         "| rank | routed experts per layer | expert bytes | dense bytes | expected cache hit |",
         "|---|---|---|---|---|",
     ]
     for r in range(ranks):
         n = len(range(r, cfg.n_routed_experts, ranks))
         out.append(f"| {r} | {n} of {cfg.n_routed_experts} | {human(int(plan.expert_bytes * n / cfg.n_routed_experts))} "
-                   f"| {human(plan.dense_bytes)} | {hit:.0%} |")  # fmt: skip
+                   f"| {human(plan.dense_bytes if r == 0 else routers)} | {hits[r]:.0%} |")  # fmt: skip
     out += [
-        f"link: {link.latency_s * 1e6:.0f} us latency, {link.bytes_per_s * 8 / 1e9:.1f} Gbit/s (given: --link-latency, --link-gbps)",
+        f"link: {link.latency_s * 1e6:.0f} us latency, {link.bytes_per_s * 8 / 1e9:.1f} Gbit/s (given: --link-latency, "
+        "--link-gbps; bench/bench_distributed.py measures a link)",
         f"per token and MoE layer: {sent} B out and {got} B back per other rank; {cfg.n_layers} layers",
         f"per token: compute {compute * 1e3:.1f} ms (dense {plan.dense_bytes / ram * 1e3:.1f} ms on rank 0, "
         f"experts {experts * 1e3:.1f} ms), network {net * 1e3:.2f} ms",

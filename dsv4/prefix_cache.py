@@ -241,7 +241,9 @@ class PrefixCache:
             snap = state.snapshot()
             if room != snap.room:
                 snap.room = room
-            e = Entry(ds[state.pos], ds[anchor], state.pos, room, tuple(tokens[anchor:]), list(tokens))
+            # the full token list only until its file is written (it is the manifest); the index needs the tail
+            e = Entry(ds[state.pos], ds[anchor], state.pos, room, tuple(tokens[anchor:]),
+                      list(tokens) if self.dir is not None else None)  # fmt: skip
             self._add(e)
             self._hold(e, snap)
             self.stats.inserted += 1
@@ -438,15 +440,21 @@ def for_engine(engine, *, disk_dir: str | Path | None = None, ram: int | str | N
                        disk_bytes=disk_bytes, every=every)  # fmt: skip
 
 
-def prefill(engine, cache: PrefixCache, ids: list[int]) -> tuple[SeqState, int]:
-    """A state holding ids[:-1] (the last token is left for the generator to feed): restored from the
-    cache as far as it goes, the rest fed in pieces that end at the cache's boundaries, each kept."""
-    found = cache.lookup(ids)
-    state, done = found if found is not None else (engine.new_state(), 0)
-    end = len(ids) - 1
+def prefill(
+    engine, cache: PrefixCache, ids: list[int], state: SeqState | None = None
+) -> tuple[SeqState, int]:
+    """A state holding ids[:-1] (the last token is left for the generator to feed), and how many of those
+    tokens came from the cache. Without `state` the longest cached prefix is restored; with one (holding
+    a prefix of ids, a chat session's own) it is continued. The rest is fed in pieces that end at the
+    cache's boundaries, each kept."""
+    restored = 0
+    if state is None:
+        found = cache.lookup(ids)
+        state, restored = found if found is not None else (engine.new_state(), 0)
+    done, end = state.pos, len(ids) - 1
     while done < end:
         nxt = min((done // cache.every + 1) * cache.every, end)
         engine.step([ids[done:nxt]], [state])
         done = nxt
         cache.insert(ids[:done], state)
-    return state, end
+    return state, restored

@@ -42,6 +42,20 @@ def accept_probability(p: torch.Tensor, q: torch.Tensor, d: int) -> float:
     return min(1.0, float(p[d] / q[d]))
 
 
+def declined(engine) -> str | None:
+    """Why speculative decoding would slow this engine down, or None when it pays.
+
+    Measured on the V4-Flash-dimension slice (bench/bench_speculative.py, bench/results/speculative.md):
+    a verify block of B + 1 tokens reads the union of its tokens' experts and the draft's stages read
+    theirs too, so one round costs several decode steps. With every expert resident that is recovered at
+    the accepted lengths the releases report (2.7-4); with experts behind the expert store under a RAM
+    budget the extra expert reads are disk reads and no block length recovers them."""
+    if getattr(engine.model, "store", None) is not None:
+        return ("experts are served under a RAM budget (--max-ram): a verify block reads the union of its "
+                "tokens' experts, measured slower than plain decoding; speculative='always' overrides")  # fmt: skip
+    return None
+
+
 @torch.inference_mode()
 def speculative_events(engine, seq: Sequence) -> Iterator[Event]:
     """The checkpoint's own draft: DSpark when it has one, else the MTP layer."""
@@ -56,44 +70,61 @@ def speculative_events(engine, seq: Sequence) -> Iterator[Event]:
 
 def dspark_events(engine, seq: Sequence) -> Iterator[Event]:
     model, state, sampler = engine.model, seq.state, seq.sampler
-    greedy, b = sampler.params.greedy, model.dspark.block_size
-    if state.max_rollback < b + 1:
-        raise ValueError(f"DSpark blocks of {b} need states that can roll back {b + 1} tokens (max_rollback {state.max_rollback})")
+    check_rollback_room(model, state)
     last = engine.step([seq.pending], [state])[0][-1]  # the prompt; its captures fill the draft's rings
-    tok = sampler.sample(last)
-    ev = seq.append(tok, last)
+    ev = seq.append(sampler.sample(last), last)
     yield ev
     while ev.finish_reason is None:
-        qs: list[torch.Tensor] = []  # the distribution each draft was drawn from
-        drafts = model.dspark_draft(state, tok, partial(_pick, sampler, qs)).tokens
+        tok = seq.pending[0]
+        drafts, qs = propose(model, seq)
         logits = engine.step([[tok, *drafts]], [state], all_logits=True)[0]  # [B + 1, V]: row i checks d_i
-        seq.stats.draft_tokens += b
-        seq.stats.draft_rounds += 1
-        kept, new = 0, None
-        for i, d in enumerate(drafts):
-            p = sampler.probs(logits[i])
-            if greedy:
-                ok = int(p.argmax()) == d
-            else:
-                ok = sampler.uniform() < accept_probability(p, qs[i], d)
-            if not ok:
-                new = int(p.argmax()) if greedy else sampler.draw(residual(p, qs[i]))
-                break
-            seq.stats.accepted_tokens += 1
-            kept += 1
-            ev = seq.append(d, logits[i])
-            yield ev
-            if ev.finish_reason is not None:
-                break
-        if ev.finish_reason is not None:  # the state keeps what plain decoding would: not the last token
-            state.rollback(b - kept + 1)
+        events = settle(seq, drafts, qs, logits)
+        yield from events
+        ev = events[-1]
+
+
+def check_rollback_room(model, state) -> None:
+    b = model.dspark.block_size
+    if state.max_rollback < b + 1:
+        raise ValueError(f"DSpark blocks of {b} need states that can roll back {b + 1} tokens (max_rollback {state.max_rollback})")  # fmt: skip
+
+
+def propose(model, seq: Sequence) -> tuple[list[int], list[torch.Tensor]]:
+    """The DSpark block after a decoding sequence (anchor: its last sampled token, not yet fed) and the
+    distribution each draft was drawn from."""
+    qs: list[torch.Tensor] = []
+    drafts = model.dspark_draft(seq.state, seq.pending[0], partial(_pick, seq.sampler, qs)).tokens
+    return drafts, qs
+
+
+def settle(seq: Sequence, drafts: list[int], qs: list[torch.Tensor], logits: torch.Tensor) -> list[Event]:
+    """After the target ran on [anchor, *drafts] (logits [B + 1, V], row i checks d_i): keep the longest
+    accepted prefix and one token of the target's own (a correction, or a bonus when all pass), roll the
+    state back past the rest, and return the events. The sequence's stats count the round."""
+    sampler, state, b = seq.sampler, seq.state, len(drafts)
+    seq.stats.draft_tokens += b
+    seq.stats.draft_rounds += 1
+    events, kept, new = [], 0, None
+    for i, d in enumerate(drafts):
+        p = sampler.probs(logits[i])
+        if sampler.params.greedy:
+            ok = int(p.argmax()) == d
+        else:
+            ok = sampler.uniform() < accept_probability(p, qs[i], d)
+        if not ok:
+            new = int(p.argmax()) if sampler.params.greedy else sampler.draw(residual(p, qs[i]))
             break
-        if new is None:  # every draft passed: the target's bonus token
-            new = sampler.sample(logits[b])
-        state.rollback(b - kept)  # keep the anchor and the accepted drafts
-        ev = seq.append(new, logits[kept])
-        yield ev
-        tok = new
+        seq.stats.accepted_tokens += 1
+        kept += 1
+        events.append(seq.append(d, logits[i]))
+        if events[-1].finish_reason is not None:
+            state.rollback(b - kept + 1)  # the state keeps what plain decoding would: not the last token
+            return events
+    if new is None:  # every draft passed: the target's bonus token
+        new = sampler.sample(logits[b])
+    state.rollback(b - kept)  # keep the anchor and the accepted drafts
+    events.append(seq.append(new, logits[kept]))
+    return events
 
 
 def _pick(sampler, qs: list[torch.Tensor], row: torch.Tensor) -> int:

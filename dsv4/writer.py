@@ -26,7 +26,8 @@ from .tiny import draft_kind, random_weights
 
 def write_checkpoint(path: str | Path, raw_cfg: dict[str, Any], weights: dict[str, torch.Tensor] | None = None, *,
                      fp8: bool = True, fp4: bool = True, shards: int = 3, shard_bytes: int | None = None,
-                     float_dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> dict[str, torch.Tensor]:  # fmt: skip
+                     float_dtype: torch.dtype = torch.bfloat16, seed: int = 0,
+                     shared: dict[str, str] | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
     """Write an official-layout checkpoint; return the given tensors as the file holds them, in fp32.
 
     Dense matmul weights become FP8 (if fp8), routed experts MXFP4 (if fp4), the rest `float_dtype`
@@ -34,6 +35,8 @@ def write_checkpoint(path: str | Path, raw_cfg: dict[str, Any], weights: dict[st
     `weights` are drawn directly in their stored format (random FP8 / MXFP4 bytes with sane scales, or
     `random_weights`-style floats), shard by shard, so checkpoints far larger than memory can be
     written. `shard_bytes` (if given) caps a shard's size instead of splitting into `shards` files.
+    `shared` maps stored tensor names (scales too) to files that already hold them, relative to `path`
+    (e.g. "../demo/model-00001-of-00004.safetensors"): the index lists them there and they are not written.
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -41,7 +44,8 @@ def write_checkpoint(path: str | Path, raw_cfg: dict[str, Any], weights: dict[st
     with_mtp = any(n.startswith("mtp.") for n in weights) if weights else cfg.n_mtp_layers > 0
     specs = expected_tensors(cfg, **draft_kind(cfg, with_mtp))
     g = torch.Generator().manual_seed(seed)
-    names = sorted(specs)
+    shared = shared or {}
+    names = sorted(n for n in specs if n not in shared)
     if shard_bytes is None:
         total = sum(_stored_bytes(specs[n], fp8, fp4) for n in names)
         shard_bytes = max(1, -(-total // shards))
@@ -80,6 +84,7 @@ def write_checkpoint(path: str | Path, raw_cfg: dict[str, Any], weights: dict[st
         old, new = path / f"model-{i + 1:05d}.safetensors", path / f"model-{i + 1:05d}-of-{n:05d}.safetensors"
         old.rename(new)
         weight_map.update(dict.fromkeys(files[i], new.name))
+    weight_map.update(shared)
     total = sum((path / f).stat().st_size for f in set(weight_map.values()))
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))

@@ -1,6 +1,7 @@
 """Known answers for the V4 chat encoding (the release's four golden cases, V4_SPEC's token ids) and
 the completion parser, including round trips and completions cut off anywhere."""
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from dsv4.chat import (
     ASSISTANT,
     BOS,
     EOS,
+    REASONING_EFFORT_0731_MAX,
     REASONING_EFFORT_MAX,
     THINK_END,
     THINK_START,
@@ -119,6 +121,63 @@ def test_reasoning_effort_max_block():
     )
     with pytest.raises(ValueError, match="reasoning_effort"):
         encode_messages(messages, reasoning_effort="extreme")
+
+
+# ----------------------------------------------------------------------------- the 0731 chat format
+# Known answers from public copies of the 0731 encoder (encoding/encoding_dsv4.py of
+# deepseek-ai/DeepSeek-V4-Flash-0731, REASONING_EFFORT_PROMPTS):
+# - antirez/ds4 PR 686: the byte length and sha256 prefix of the "high" (476 B, f7a24f3b3050d4a8) and
+#   "max" (528 B, 53fb31b8392ec5b4) texts;
+# - local-inference-lab/vllm issue 220: the full thinking prompt for user "test" at max, 579 characters,
+#   "<｜begin▁of▁sentence｜>Reasoning Effort: Beyond maximum — exhaustive, ...\n\n<｜User｜>test<｜Assistant｜><think>";
+# - local-inference-lab/vllm PR 231: the same prompt is 5 tokens at low and 84 at high (/tokenize).
+TEST = [{"role": "user", "content": "test"}]
+
+
+def test_0731_effort_texts_byte_for_byte():
+    for text, size, digest in [(REASONING_EFFORT_MAX, 476, "f7a24f3b3050d4a8"),
+                               (REASONING_EFFORT_0731_MAX, 528, "53fb31b8392ec5b4")]:  # fmt: skip
+        raw = text.encode("utf-8")
+        assert (len(raw), hashlib.sha256(raw).hexdigest()[:16]) == (size, digest)
+    assert REASONING_EFFORT_0731_MAX == (
+        "Reasoning Effort: Beyond maximum \u2014 exhaustive, relentless, and uncompromising.\n"
+        "You MUST reason with the utmost depth and rigor, leaving absolutely nothing to chance: exhaustively decompose "
+        "the problem into its most fundamental components, trace every causal chain to its root, and resolve the "
+        "underlying cause rather than any surface symptom.\n"
+        "Do not stop reasoning until you have independently verified the solution from multiple angles and are "
+        "certain that no assumption remains unchecked and no error remains undiscovered.\n\n"
+    )
+
+
+def test_0731_levels(tok):
+    tail = f"{USER}test{ASSISTANT}{THINK_START}"
+    render = lambda effort, **kw: encode_messages(TEST, thinking_mode="thinking", reasoning_effort=effort,  # noqa: E731
+                                                  chat_format="0731", **kw)  # fmt: skip
+    assert render("max") == BOS + REASONING_EFFORT_0731_MAX + tail and len(render("max")) == 579
+    assert render("high") == BOS + REASONING_EFFORT_MAX + tail
+    assert render("low") == render(None) == BOS + tail
+    assert [len(tok.encode(render(e))) for e in ("low", "high")] == [5, 84]
+    # The text follows BOS, before a system prompt; chat mode ignores the level.
+    with_system = encode_messages(
+        [SYSTEM, *TEST], thinking_mode="thinking", reasoning_effort="max", chat_format="0731"
+    )
+    assert with_system == BOS + REASONING_EFFORT_0731_MAX + SYSTEM["content"] + tail
+    assert encode_messages(TEST, reasoning_effort="max", chat_format="0731") == encode_messages(TEST)
+
+
+def test_preview_rendering_unchanged_by_the_0731_table():
+    for effort in (None, "low", "medium", "high", "max"):
+        preview = encode_messages(TEST, thinking_mode="thinking", reasoning_effort=effort)
+        again = encode_messages(TEST, thinking_mode="thinking", reasoning_effort=effort, chat_format="preview")
+        text = REASONING_EFFORT_MAX if effort == "max" else ""
+        assert preview == again == BOS + text + f"{USER}test{ASSISTANT}{THINK_START}"
+
+
+def test_0731_rejects_levels_it_lacks():
+    with pytest.raises(ValueError, match="'medium': the 0731 chat format has low, high, max"):
+        encode_messages(TEST, thinking_mode="thinking", reasoning_effort="medium", chat_format="0731")
+    with pytest.raises(ValueError, match="chat format 'v5'"):
+        encode_messages(TEST, chat_format="v5")
 
 
 @pytest.mark.parametrize("case, mode", [(1, "thinking"), (2, "thinking"), (3, "thinking"), (4, "chat")])

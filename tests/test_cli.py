@@ -51,6 +51,24 @@ def test_run_bad_input_is_one_line(tiny_ckpt, args, message):
     assert len(lines) == 1 and lines[0].startswith("dsv4 run: error:") and message in lines[0]
 
 
+def test_chat_format_and_reasoning_effort_flags(tiny_ckpt):
+    """0731's "high" is the preview's "max" text and its "max" a longer one (92 tokens against 79):
+    the prompt sizes say which text went in; a level the format lacks is a one-line error."""
+    base = ("run", "--model", tiny_ckpt("vocab").path, "--temperature", "0", "--max-tokens", "2", "Hello")
+
+    def prompt_tokens(fmt, effort):
+        r = run(*base, "--chat-format", fmt, "--reasoning-effort", effort)
+        assert r.returncode == 0, r.stderr
+        return int(r.stderr.split("[", 1)[1].split(" prompt tokens")[0]), r.stdout
+
+    high = prompt_tokens("0731", "high")
+    assert prompt_tokens("preview", "max") == high and prompt_tokens("0731", "max")[0] == high[0] + 92 - 79
+    r = run(*base, "--chat-format", "0731", "--reasoning-effort", "medium")
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "dsv4 run: error: reasoning_effort 'medium': the 0731 chat format has low, high, max"
+    ]
+
+
 def test_run_under_a_budget_gives_the_resident_output(tiny_ckpt):
     base = ("run", "--model", tiny_ckpt("vocab").path, "--raw", "--temperature", "0", "--max-tokens", "6", "--quiet")
     outs = [run(*base, *extra, "Hello") for extra in

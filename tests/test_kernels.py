@@ -126,6 +126,7 @@ def test_build_failure_falls_back_with_one_warning(monkeypatch, tmp_path):
     monkeypatch.setattr(kernels, "_exts", {})
     monkeypatch.setattr(kernels, "_SOURCE", tmp_path / "missing.cpp")
     monkeypatch.setattr(kernels, "supported_isas", lambda: ["avx2"])
+    monkeypatch.setattr(kernels, "_choices", {})
     with pytest.warns(RuntimeWarning, match="fallback"):
         assert not kernels.available()
     assert not kernels.available()  # cached: no second build attempt, no second warning
@@ -149,6 +150,7 @@ def test_build_failure_falls_back_with_one_warning(monkeypatch, tmp_path):
 def test_the_build_follows_the_cpu_flags(monkeypatch, flags, capability, chosen):
     monkeypatch.setattr(kernels, "_cpu_flags", lambda: set(flags.split()))
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    monkeypatch.setattr(kernels, "_choices", {})
     monkeypatch.delenv("DSV4_KERNELS", raising=False)
     assert kernels.supported_isas() == chosen
     if not chosen:  # a normal case: no build, no warning, the reason on record
@@ -175,6 +177,7 @@ def test_env_values_that_take_the_fallback(monkeypatch, value, reason):
 
 def test_env_asking_for_a_missing_isa(monkeypatch):
     monkeypatch.setattr(kernels, "_cpu_flags", lambda: {"avx2", "fma", "f16c"})
+    monkeypatch.setattr(kernels, "_choices", {})
     monkeypatch.setenv("DSV4_KERNELS", "avx512")
     assert not kernels.available()
     assert kernels.fallback_reason() == "DSV4_KERNELS=avx512 but this CPU lacks AVX512"

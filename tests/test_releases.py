@@ -143,3 +143,33 @@ def test_inspect_names_the_release(release_0731):
     text = render(Checkpoint(path), ModelConfig.from_dict(raw))
     assert "release      V4 0731-style (3-stage DSpark draft); chat format 0731" in text
     assert "(+ DSpark draft " in text
+
+
+def test_shipped_encoder_decides_the_chat_format(tmp_path):
+    """A DSpark checkpoint is 0731-style unless its folder ships the preview's encoder (a -DSpark repo);
+    the 0731 encoder is told by its REASONING_EFFORT_PROMPTS table, as SGLang tells them apart. The
+    engine renders in the detected format unless told otherwise."""
+    from dsv4.chat import REASONING_EFFORT_0731_MAX, REASONING_EFFORT_MAX
+
+    raw = dspark_config()
+    write_release(tmp_path, raw)
+    (tmp_path / "encoding").mkdir()
+    encoder = tmp_path / "encoding" / "encoding_dsv4.py"
+    cfg = ModelConfig.from_dict(raw)
+    encoder.write_text('REASONING_EFFORT_MAX = (\n    "Reasoning Effort: Absolute maximum ..."\n)\n')
+    rel = Checkpoint(tmp_path).release(cfg)
+    assert (rel.name, rel.chat) == ("dspark", "preview")
+    encoder.write_text('REASONING_EFFORT_PROMPTS = {\n    "low": "",\n}\nDEFAULT_REASONING_EFFORT = "low"\n')
+    rel = Checkpoint(tmp_path).release(cfg)
+    assert (rel.name, rel.chat) == ("0731", "0731")
+
+    m = dsv4.load(tmp_path, dtype=torch.float32)
+    user = [{"role": "user", "content": "test"}]
+    text = lambda: m.tokenizer.decode(m.encode(user, thinking_mode="thinking", reasoning_effort="max"))  # noqa: E731
+    assert m.chat_format == "0731" and REASONING_EFFORT_0731_MAX in text()
+    m.chat_format = "preview"
+    assert REASONING_EFFORT_MAX in text() and REASONING_EFFORT_0731_MAX not in text()
+    m.chat_format = None
+    assert m.chat_format == "0731"
+    with pytest.raises(ValueError, match="chat format 'v9'"):
+        m.chat_format = "v9"

@@ -1,7 +1,9 @@
 """Training (dsv4.train): the loss falls on a toy corpus, a resumed run retraces the uninterrupted one,
 the router-bias rule balances expert load, the export loads, and the bundled demo model continues a
-fixed prompt as recorded."""
+fixed prompt as recorded. A DSpark draft trained on a frozen backbone lowers its loss, its export shares
+the backbone's files, and DSpark greedy decoding equals plain greedy (the bundled demo-dspark too)."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -21,9 +23,11 @@ from dsv4.train import (
     train,
     update_router_bias,
 )
+from dsv4.train.dspark import DSparkOptions, train_dspark
 from dsv4.train.plot import plot_loss
 
 DEMO = Path(dsv4.__file__).parent / "demo"
+DEMO_DSPARK = Path(dsv4.__file__).parent / "demo-dspark"
 DEMO_PROMPT = "def fibonacci(n):"
 # greedy fp32 continuation of BOS + DEMO_PROMPT by the bundled model, recorded after its export:
 # '\n    """Return the test.  This is a list of' (top-1 leads top-2 by >= 0.14 logits at every step)
@@ -143,3 +147,57 @@ def test_loss_curve_with_matplotlib_or_a_note(full_run, tmp_path, monkeypatch, c
     assert plot_loss(full_run["history"], tmp_path / "loss") is None
     assert not (tmp_path / "loss.png").exists()
     assert capsys.readouterr().err.count("\n") == 1
+
+
+@pytest.fixture(scope="module")
+def dspark_run(tmp_path_factory, corpus, full_run) -> dict:
+    out = tmp_path_factory.mktemp("dspark")
+    opts = DSparkOptions(backbone=full_run["model"], data=[str(corpus)], out=str(out), steps=12, seq_len=32,
+                         batch=2, anchors=8, rank=16, warmup=2, lr=3e-3, eval_windows=0, log_every=1000)  # fmt: skip
+    return train_dspark(opts)
+
+
+def test_dspark_draft_loss_falls(dspark_run):
+    ce = [r["ce"] for r in dspark_run["history"]]
+    assert sum(ce[-3:]) / 3 < sum(ce[:3]) / 3 - 0.5, ce
+
+
+def _greedy_both_ways(model_dir: Path, prompts: list[str], n: int) -> dsv4.Engine:
+    engine = dsv4.load(model_dir, dtype=torch.float32)
+    tok = Tokenizer.from_dir(model_dir)
+    assert engine.model.dspark is not None
+    for p in prompts:
+        ids = tok.encode(p, add_special_tokens=True)
+        plain = engine.generate(ids, max_tokens=n, temperature=0)
+        assert engine.generate(ids, max_tokens=n, temperature=0, speculative=True) == plain, p
+    return engine
+
+
+def test_dspark_export_shares_the_backbone_and_speculates_as_greedy(dspark_run, full_run):
+    folder, backbone = Path(dspark_run["model"]), Path(full_run["model"])
+    assert [f.name for f in folder.glob("*.safetensors")] == ["model-00001-of-00001.safetensors"]
+    weight_map = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    for name, fname in weight_map.items():  # the backbone's tensors stay in its own shards
+        assert (folder / fname).resolve().parent == (
+            backbone if not name.startswith("mtp.") else folder
+        ).resolve()
+    _greedy_both_ways(folder, ["def f(x):\n", "import math\n\n"], 12)
+
+
+def test_bundled_dspark_demo_drafts_what_the_backbone_says():
+    engine = _greedy_both_ways(DEMO_DSPARK, [DEMO_PROMPT, "class Stack:\n    def push(self, item):\n"], 40)
+    spec = engine.stats()["speculative"]
+    assert spec["acceptance_rate"] > 0.2 and spec["mean_accepted_length"] > 2.0, spec
+
+
+def test_speculation_declined_under_a_ram_budget():
+    """The measured default: drafts only with every expert resident; "always" overrides."""
+    tok = Tokenizer.from_dir(DEMO_DSPARK)
+    ids = tok.encode(DEMO_PROMPT, add_special_tokens=True)
+    engine = dsv4.load(DEMO_DSPARK, dtype=torch.float32, max_ram="2G")
+    plain = engine.generate(ids, max_tokens=12, temperature=0)
+    assert engine.generate(ids, max_tokens=12, temperature=0, speculative=True) == plain
+    stats = engine.stats()
+    assert "RAM budget" in stats["speculation_declined"] and "speculative" not in stats
+    assert engine.generate(ids, max_tokens=12, temperature=0, speculative="always") == plain
+    assert engine.stats()["speculative"]["rounds"] > 0

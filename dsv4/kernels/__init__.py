@@ -8,8 +8,12 @@ exact products, fp32 sums); from `*_PREFILL_ROWS` rows on they dequantize tiles 
 (a bf16 GEMM when x is bf16 and so is the result: exact products, fp32 sums).
 Calls that autograd must differentiate always take the fallback.
 
+The same build carries fused ops for the small per-layer work of a step (`fused.h`: mHC pre/post
+with the Sinkhorn iterations, RMSNorm + RoPE, the router); `fused()` says whether they take a call,
+and their callers in `dsv4.ops` / `dsv4.model` keep the plain-torch reference beside them.
+
 The compiled path (`cpu_kernels.cpp` with `avx512.h` or `avx2.h`) is built on first use with
-`torch.utils.cpp_extension.load` into `~/.cache/dsv4/kernels/<hash>`, the hash covering the sources,
+`torch.utils.cpp_extension.load` into `~/.cache/dsv4/kernels/<hash>`, the hash covering the sources (and their path),
 the flags, the torch version and the CPU's flags (the build uses `-march=native`). It needs a C++
 compiler, `ninja` and a CPU with AVX-512 (F, BW, VL) or AVX2 + FMA + F16C; the AVX2 build drops
 AVX-512 with `-mno-avx512f`. `DSV4_KERNELS` picks: `torch` (every call takes the fallback), `avx2`
@@ -26,6 +30,7 @@ import hashlib
 import os
 import platform
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -34,7 +39,7 @@ import torch
 from ..quant import dequant_fp8_block, dequant_mxfp4
 
 _SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
-_HEADERS = ("avx512.h", "avx2.h")
+_HEADERS = ("avx512.h", "avx2.h", "fused.h")
 _CFLAGS = ["-O3", "-fopenmp", "-std=c++17"]
 _LDFLAGS = ["-fopenmp"]
 # The flags that pick each build's instruction set (`-march=native` minus AVX-512 for avx2).
@@ -57,6 +62,7 @@ _FALLBACK_CHUNK = 1 << 24
 _lock = threading.Lock()
 _exts: dict[str, object] = {}  # ISA -> the compiled module once built, or False once it failed
 _reasons: dict[str, str] = {}  # ISA -> why its build is unusable
+_choices: dict[str, tuple[str | None, str]] = {}  # DSV4_KERNELS value -> `_choice()`'s answer
 
 
 def backend() -> str:
@@ -93,8 +99,18 @@ def fallback_reason() -> str:
 
 
 def _choice() -> tuple[str | None, str]:
-    """The build DSV4_KERNELS and the CPU ask for, or None and why there is none."""
-    want = os.environ.get("DSV4_KERNELS", "").lower() or "auto"
+    """The build DSV4_KERNELS and the CPU ask for, or None and why there is none.
+
+    Every kernel call asks, so the answer is kept per DSV4_KERNELS value (`_choices`); reading the
+    CPU's flags on each call was half the time of a batch-1 decode step."""
+    env = os.environ.get("DSV4_KERNELS", "")
+    got = _choices.get(env)
+    if got is None:
+        got = _choices[env] = _decide(env.lower() or "auto")
+    return got
+
+
+def _decide(want: str) -> tuple[str | None, str]:
     if want == "torch":
         return None, "DSV4_KERNELS=torch"
     if want not in ("auto", *ISA_FLAGS):
@@ -121,6 +137,9 @@ def _build_dir(isa: str) -> Path:
         h.update(path.read_bytes())
     h.update(" ".join(_CFLAGS + ISA_FLAGS[isa] + _LDFLAGS).encode())
     h.update(torch.__version__.encode())
+    # the folder's build.ninja names the source path: two checkouts sharing one folder rebuild each
+    # other's build on every load (and a build killed halfway leaves a lock the next load waits on)
+    h.update(str(_SOURCE).encode())
     h.update(" ".join(sorted(_cpu_flags())).encode())
     return Path.home() / ".cache" / "dsv4" / "kernels" / f"{isa}-{h.hexdigest()[:16]}"
 
@@ -142,6 +161,7 @@ def _build(isa: str):
 
         build = _build_dir(isa)
         build.mkdir(parents=True, exist_ok=True)
+        _clear_stale_lock(build / "lock")
         return load(
             name=f"dsv4_cpu_kernels_{isa}",
             sources=[str(_SOURCE)],
@@ -159,6 +179,17 @@ def _build(isa: str):
             stacklevel=4,
         )
         return None
+
+
+def _clear_stale_lock(lock: Path, max_age: float = 600.0) -> None:
+    """torch's build lock, left behind by a build that was killed, makes every later load wait
+    forever; a build takes ~1-2 min, so a lock untouched for `max_age` seconds is stale."""
+    try:
+        if time.time() - lock.stat().st_mtime > max_age:
+            lock.unlink()
+            warnings.warn(f"dsv4.kernels: removed a stale build lock {lock}", RuntimeWarning, stacklevel=4)
+    except FileNotFoundError:
+        pass
 
 
 _X_DTYPES = (torch.float32, torch.bfloat16)
@@ -181,6 +212,23 @@ def _compiled(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, byte_s
         or (x.requires_grad and torch.is_grad_enabled())
     ):
         return None
+    return ext
+
+
+def fused(*tensors: torch.Tensor | None):
+    """The extension when its fused ops (`fused.h`: mHC pre/post, RMSNorm + RoPE, the router) should
+    take a call on these tensors, else None (the caller's plain-torch reference takes it).
+
+    CPU float32/bf16 tensors only (None entries are skipped), and never a call that autograd must
+    differentiate: the fused ops have no backward.
+    """
+    ext = _load()
+    if ext is None:
+        return None
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is not None and (not t.is_cpu or t.dtype not in _X_DTYPES or (grad and t.requires_grad)):
+            return None
     return ext
 
 

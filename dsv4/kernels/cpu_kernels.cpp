@@ -414,7 +414,13 @@ torch::Tensor fp8_linear(const torch::Tensor& x_in, const torch::Tensor& weight_
   return finish(f8_decode(w, sc.data(), nbi, in, out_f, M, xp.data_ptr<float>(), kp), x_in, fp32_out);
 }
 
+#include "fused.h"
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("hc_pre", &fused::hc_pre, "HyperConnection.pre: block input, post and Sinkhorn comb");
+  m.def("hc_post", &fused::hc_post, "HyperConnection.post: expand a block output back into n streams");
+  m.def("norm_rope", &fused::norm_rope, "RMSNorm (eps >= 0) then interleaved RoPE (cos/sin given)");
+  m.def("route", &fused::route, "router scores, top-k (or hashed ids) and normalized weights");
   m.def("mxfp4_linear", &mxfp4_linear, "y = x @ dequant_mxfp4(w, s).T, fp32 accumulation");
   m.def("fp8_linear", &fp8_linear, "y = x @ dequant_fp8_block(w, s).T, fp32 accumulation");
   m.def("isa", [] { return std::string(kIsa); }, "the instruction set this build uses");

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 
 
 def add_serve_parser(subparsers, common_parent: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -40,6 +42,10 @@ def add_serve_parser(subparsers, common_parent: argparse.ArgumentParser) -> argp
     g.add_argument("--prompt-cache-ram", default="auto",
                    help="RAM for prompt snapshots reused across requests; 0 turns the prefix cache off "
                         "(default: auto, 1/16 of --max-ram or of the free memory, at most 4G)")  # fmt: skip
+    g.add_argument("--speculative", action="store_true",
+                   help="requests decode with the checkpoint's draft unless they send \"speculative\": false; "
+                        "DSpark blocks are verified inside the shared batch, an MTP checkpoint decodes plainly "
+                        "(counted in /metrics as dsv4_speculative_fallback_total)")  # fmt: skip
     g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     sp.set_defaults(fn=serve)
     return sp
@@ -72,6 +78,7 @@ def serve(args: argparse.Namespace) -> int:
     budgets = {k: getattr(args, k) for k in ("max_ram", "max_vram", "cache_policy") if getattr(args, k, None) is not None}
     engine = dsv4.load(path, device=args.device, dtype=args.dtype, numerics=args.numerics, prompt_cache=True,
                        **budgets)  # fmt: skip
+    engine.chat_format = None if args.chat_format == "auto" else args.chat_format
     cache = for_engine(engine, disk_dir=getattr(args, "prompt_cache", None), ram=args.prompt_cache_ram,
                        disk=getattr(args, "prompt_cache_size", None))  # fmt: skip
     name = args.model_name or path.resolve().name
@@ -79,13 +86,23 @@ def serve(args: argparse.Namespace) -> int:
                      max_running=args.max_running, max_body_bytes=args.max_body_bytes,
                      max_context=args.max_context, max_step_tokens=args.max_step_tokens,
                      default_max_tokens=args.max_tokens, sampling_defaults=_sampling_defaults(args),
-                     prefix_cache=cache)  # fmt: skip
+                     prefix_cache=cache, speculative=args.speculative)  # fmt: skip
     print(f"dsv4 serve: {name} on http://{args.host}:{args.port}/ (API at /v1, metrics at /metrics)",
           file=sys.stderr, flush=True)  # fmt: skip
+    # uvicorn shuts down gracefully on SIGTERM, then raises it again: with the default action the process
+    # would die there, before the prefix cache's queued writes are flushed; exit through `finally` instead
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if main else None
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     finally:
         app.state.server.worker.close()
         if cache is not None:
             cache.flush(timeout=30)  # snapshots still being written
+        if main:
+            signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _exit_on_sigterm(signum, frame) -> None:
+    raise SystemExit(128 + signum)

@@ -46,8 +46,9 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 class Server:
     """What the routes share: the engine, its worker, the limits and the counters."""
 
-    def __init__(self, engine, worker: Worker, *, model_name: str, limits: Limits):
+    def __init__(self, engine, worker: Worker, *, model_name: str, limits: Limits, speculative: bool = False):
         self.engine, self.worker, self.model_name, self.limits = engine, worker, model_name, limits
+        self.speculative = speculative  # the default for requests that do not say
         self.created = int(time.time())
         self.requests = metrics.RequestCounts(ROUTES)
         self._tokens: Tokens | None = None
@@ -58,11 +59,15 @@ class Server:
             self._tokens = Tokens(self.engine.tokenizer)
         return self._tokens
 
-    def sequences(self, prompts: list[list[int]], fields: dict[str, Any], n: int) -> list:
+    def sequences(self, prompts: list[list[int]], fields: dict[str, Any], n: int, speculative: bool | None) -> list:
         """Sequences for every prompt x n (blocking: allocates sampler and state)."""
         params = make_params(fields, n)
+        spec = self.speculative if speculative is None else speculative
+        if spec and not has_draft(self.engine):
+            raise APIError(400, "speculative decoding needs the checkpoint's draft (DSpark or MTP); this "
+                           "checkpoint has no mtp.* tensors", param="speculative", code="invalid_value")  # fmt: skip
         try:
-            return [self.engine.sequence(ids, p) for ids in prompts for p in params]
+            return [self.engine.sequence(ids, p, speculative=spec) for ids in prompts for p in params]
         except ValueError as e:
             raise APIError(400, str(e), code="invalid_value") from None
 
@@ -77,6 +82,11 @@ class Server:
     def model_card(self) -> dict[str, Any]:
         return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "dsv4",
                 "max_model_len": self.limits.context}  # fmt: skip
+
+
+def has_draft(engine) -> bool:
+    model = engine.model
+    return getattr(model, "dspark", None) is not None or bool(getattr(model, "mtp", None))
 
 
 def _add_api_routes(app: FastAPI, srv: Server) -> None:
@@ -96,7 +106,7 @@ def _add_api_routes(app: FastAPI, srv: Server) -> None:
         fields["max_tokens"] = completion_budget(len(ids), asked, srv.limits, name)
         if body.logprobs:
             fields["logprobs"] = body.top_logprobs or 0
-        seqs = await run_in_threadpool(srv.sequences, [ids], fields, body.n)
+        seqs = await run_in_threadpool(srv.sequences, [ids], fields, body.n, body.speculative)
         call = Call(srv.submit(seqs), new_id("chatcmpl"), srv.model_name, [len(ids)], srv.tokens,
                     thinking=mode == "thinking", logprobs=body.logprobs,
                     include_usage=bool(body.stream_options and body.stream_options.include_usage),
@@ -115,7 +125,7 @@ def _add_api_routes(app: FastAPI, srv: Server) -> None:
         fields["max_tokens"] = min(budgets)
         if body.logprobs is not None:
             fields["logprobs"] = body.logprobs
-        seqs = await run_in_threadpool(srv.sequences, prompts, fields, body.n)
+        seqs = await run_in_threadpool(srv.sequences, prompts, fields, body.n, body.speculative)
         echo = []
         if body.echo:
             texts = await run_in_threadpool(lambda: [srv.engine.tokenizer.decode(p) for p in prompts])
@@ -162,7 +172,8 @@ def _add_service_routes(app: FastAPI, srv: Server) -> None:
 def create_app(engine, *, model_name: str, api_key: str | None = None, max_queue: int = 64,
                max_running: int = 16, max_body_bytes: int = 4 << 20, max_context: int | None = None,
                max_step_tokens: int = 256, default_max_tokens: int | None = None,
-               sampling_defaults: dict[str, Any] | None = None, prefix_cache=None) -> FastAPI:  # fmt: skip
+               sampling_defaults: dict[str, Any] | None = None, prefix_cache=None,
+               speculative: bool = False) -> FastAPI:  # fmt: skip
     """The app serving `engine` as `model_name`.
 
     max_running sequences decode together; up to max_queue more wait; beyond that requests get a 429.
@@ -172,6 +183,8 @@ def create_app(engine, *, model_name: str, api_key: str | None = None, max_queue
     starts here and runs until `app.state.server.worker.close()` (a daemon thread: it never holds the
     process open); app lifespans are left alone, so test clients that run them do not stop it.
     prefix_cache (a `dsv4.prefix_cache.PrefixCache`) lets requests reuse earlier prompts' states.
+    speculative: requests decode with the checkpoint's draft unless they say `"speculative": false`;
+    DSpark blocks are verified in the shared batch, MTP checkpoints decode plainly (see `Scheduler`).
     """
     context = min(engine.config.max_seq_len, max_context or engine.config.max_seq_len)
     limits = Limits(
@@ -179,7 +192,7 @@ def create_app(engine, *, model_name: str, api_key: str | None = None, max_queue
     )
     worker = Worker(engine, max_running=max_running, max_queue=max_queue, max_step_tokens=max_step_tokens,
                     prefix_cache=prefix_cache)  # fmt: skip
-    srv = Server(engine, worker, model_name=model_name, limits=limits)
+    srv = Server(engine, worker, model_name=model_name, limits=limits, speculative=speculative)
 
     app = FastAPI(title="dsv4", summary="DeepSeek V4: an OpenAI-compatible API", redoc_url=None)
     app.state.server = srv

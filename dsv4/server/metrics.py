@@ -144,6 +144,11 @@ def render(requests: RequestCounts, worker, engine) -> str:
         _metric(out, "dsv4_prefix_cache_bytes", "gauge", "Bytes of prefix snapshots held, by tier.",
                 [({"tier": "ram"}, fig["ram_bytes"]), ({"tier": "disk"}, fig["disk_bytes"])])  # fmt: skip
         _metric(out, "dsv4_prefix_cache_entries", "gauge", "Prefix snapshots indexed.", [({}, fig["entries"])])
+    fallbacks = sorted(getattr(getattr(worker, "scheduler", None), "fallbacks", {}).items())
+    if fallbacks:
+        _metric(out, "dsv4_speculative_fallback_total", "counter",
+                "Decode steps of speculative sequences taken plainly, by reason (see dsv4.generate.Scheduler).",
+                [({"reason": r}, n) for r, n in fallbacks])  # fmt: skip
     for name, value in sorted(engine_figures(engine).items()):
         _metric(out, name, "gauge", "From the engine's stats().", [({}, value)])
     return "\n".join(out) + "\n"

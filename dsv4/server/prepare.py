@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..chat import reasoning_effort_text
 from ..sampling import SamplingParams
 from .errors import APIError
 from .schemas import ChatRequest, CompletionRequest, SamplingFields
@@ -130,6 +131,10 @@ def chat_tools(req: ChatRequest) -> list[dict[str, Any]] | None:
 def chat_prompt(engine, req: ChatRequest, mode: str) -> list[int]:
     """The prompt ids of a chat request in the V4 format (blocking: run it off the event loop)."""
     messages = [m.model_dump(exclude_none=True) for m in req.messages]
+    try:
+        reasoning_effort_text(req.reasoning_effort, engine.chat_format)
+    except ValueError as e:
+        raise APIError(400, str(e), param="reasoning_effort", code="invalid_value") from None
     try:
         return engine.encode(messages, thinking_mode=mode, reasoning_effort=req.reasoning_effort,
                              tools=chat_tools(req))  # fmt: skip

@@ -4,7 +4,7 @@ Types and cheap bounds are checked here (a wrong type is a 400 before anything r
 ranges are checked by `SamplingParams` itself, the context length by the app, which knows the model.
 Unknown fields are ignored, as OpenAI-compatible servers commonly do. Fields beyond OpenAI's:
 `top_k`, `min_p`, `repetition_penalty`, `stop_token_ids`, `ignore_eos`, `thinking`,
-`chat_template_kwargs` (vLLM / DeepSeek spellings).
+`chat_template_kwargs` (vLLM / DeepSeek spellings), `speculative` (this server's).
 """
 
 from __future__ import annotations
@@ -94,6 +94,7 @@ class SamplingFields(_Model):
     seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     n: int = Field(1, ge=1, le=MAX_N)
     user: str | None = None
+    speculative: bool | None = Field(None, description="decode with the checkpoint's draft (default: dsv4 serve --speculative)")
 
 
 class ChatRequest(SamplingFields):

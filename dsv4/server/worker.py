@@ -52,6 +52,9 @@ class _GuardedEngine:
         self.fed: list[tuple[list[int], object]] = []  # (tokens, state) of the last forward pass
         self.forward_failed = False
 
+    def __getattr__(self, name):  # the model, note_speculation: the engine's own
+        return getattr(self.engine, name)
+
     def reset(self) -> None:
         self.fed, self.forward_failed = [], False
 

@@ -39,8 +39,8 @@ def preset_config(name: str, vocab_size: int) -> dict:
 class InitSource:
     """A weight source that draws a training init for every official tensor name, once."""
 
-    def __init__(self, cfg: ModelConfig, seed: int, with_mtp: bool = True):
-        self.cfg, self.specs = cfg, expected_tensors(cfg, with_mtp)
+    def __init__(self, cfg: ModelConfig, seed: int, with_mtp: bool = True, dspark_stages: int = 0):
+        self.cfg, self.specs = cfg, expected_tensors(cfg, with_mtp, dspark_stages)
         self.gen = torch.Generator().manual_seed(seed)
         self.drawn: dict[str, torch.Tensor] = {}
 
@@ -59,7 +59,16 @@ class InitSource:
             return torch.stack(rows).long()
         if name.endswith("norm.weight"):
             return torch.ones(shape)
-        if name.endswith(("gate.bias", "attn_sink", ".ape", "hc_head_base")):
+        if name.endswith(
+            (
+                "gate.bias",
+                "attn_sink",
+                ".ape",
+                "hc_head_base",
+                "markov_w2.weight",
+                "confidence_head.proj.weight",
+            )
+        ):
             return torch.zeros(shape)
         if name.endswith("_base"):  # mHC: pre 1/2 each, post 1, comb near the identity (a residual)
             base = torch.zeros(shape)
@@ -81,7 +90,14 @@ def build_model(raw_cfg: dict, seed: int) -> tuple[Transformer, dict[str, torch.
     cfg = ModelConfig.from_dict(raw_cfg)
     src = InitSource(cfg, seed)
     model = Transformer(cfg, src, Numerics(dtype=torch.float32))
-    params = {p.data_ptr(): p for p in model.parameters()}
+    return model.train(), trainable(model, src)
+
+
+def trainable(module: nn.Module, src: InitSource) -> dict[str, torch.Tensor]:
+    """`module`'s tensors by the official names `src` drew them under, float ones made trainable (but
+    the router biases, which the balancing rule moves); raises if a drawn tensor is not a parameter of
+    the module or a parameter has no name."""
+    params = {p.data_ptr(): p for p in module.parameters()}
     weights: dict[str, torch.Tensor] = {}
     for name, t in src.drawn.items():
         p = params.get(t.data_ptr()) if t.is_floating_point() else t
@@ -93,4 +109,4 @@ def build_model(raw_cfg: dict, seed: int) -> tuple[Transformer, dict[str, torch.
     for name, p in weights.items():
         if isinstance(p, nn.Parameter) and not name.endswith("gate.bias"):
             p.requires_grad_(True)
-    return model.train(), weights
+    return weights

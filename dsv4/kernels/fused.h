@@ -1,0 +1,291 @@
+// Fused CPU ops for the small per-layer work of a step (callers: dsv4/ops.py, dsv4/model.py).
+//
+// At batch 1 every layer spends its time in dozens of tiny ATen ops (the Sinkhorn iterations alone
+// dispatch ~80 per hyper-connection), each a few microseconds of dispatch for a few hundred flops.
+// These ops do the same math in one call each, token rows split over threads. They follow the
+// plain-torch reference (dsv4/model.py, dsv4/ops.py) step by step, rounding to the tensor dtype
+// exactly where it does (so bf16 results match bit for bit but for the last ulp of fp32 math
+// functions and summation order). Plain C++ (auto-vectorized with the build's -march), so the
+// AVX-512 and AVX2 builds share it. It knows nothing of models beyond these formulas.
+
+#include <cmath>
+
+namespace fused {
+
+template <typename T>
+inline float ld(const T* p, int64_t i) {
+  return static_cast<float>(p[i]);
+}
+
+// sum_i a[i] * b[i] with 16 partial sums (vectorizable without -ffast-math).
+inline float dot(const float* a, const float* b, int64_t n) {
+  float acc[16] = {0};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    for (int l = 0; l < 16; ++l) acc[l] += a[i + l] * b[i + l];
+  float s = 0;
+  for (; i < n; ++i) s += a[i] * b[i];
+  for (int l = 0; l < 16; ++l) s += acc[l];
+  return s;
+}
+
+inline float sumsq(const float* a, int64_t n) { return dot(a, a, n); }
+
+inline float sigmoid(float x) { return 1.f / (1.f + std::exp(-x)); }
+
+inline void check_float(const torch::Tensor& t, const char* what) {
+  TORCH_CHECK(t.scalar_type() == torch::kFloat || t.scalar_type() == torch::kBFloat16, what,
+              ": float32 or bfloat16, got ", t.scalar_type());
+  TORCH_CHECK(t.device().is_cpu(), what, ": a CPU tensor");
+}
+
+inline int64_t grain(int64_t work_per_row) { return std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, work_per_row)); }
+
+// ---- hyper-connections (mHC) ----
+
+// h [T, n, D] -> x [T, D] (h's dtype), post [T, n], comb [T, n, n] (fp32). fn [(2+n)*n, n*D],
+// base [(2+n)*n], scale [3], all fp32: HyperConnection.pre.
+std::vector<torch::Tensor> hc_pre(const torch::Tensor& h_in, const torch::Tensor& fn_in, const torch::Tensor& scale_in,
+                                  const torch::Tensor& base_in, int64_t iters, double eps_d, double norm_eps_d) {
+  check_float(h_in, "hc_pre h");
+  TORCH_CHECK(h_in.dim() == 3, "hc_pre: h [T, n, D], got ", h_in.sizes());
+  const auto h = h_in.contiguous();
+  const int64_t T = h.size(0), n = h.size(1), D = h.size(2), nD = n * D, m = (2 + n) * n;
+  TORCH_CHECK(fn_in.sizes() == torch::IntArrayRef({m, nD}) && base_in.numel() == m && scale_in.numel() == 3,
+              "hc_pre: fn [", m, ", ", nD, "], base [", m, "], scale [3]; got ", fn_in.sizes(), ", ",
+              base_in.sizes(), ", ", scale_in.sizes());
+  const auto fn = fn_in.to(torch::kFloat).contiguous(), base = base_in.to(torch::kFloat).contiguous(),
+             scale = scale_in.to(torch::kFloat).contiguous();
+  auto x = torch::empty({T, D}, h.options());
+  auto post = torch::empty({T, n}, h.options().dtype(torch::kFloat));
+  auto comb = torch::empty({T, n, n}, h.options().dtype(torch::kFloat));
+  const float eps = static_cast<float>(eps_d), norm_eps = static_cast<float>(norm_eps_d);
+  const float* F = fn.data_ptr<float>();
+  const float* B = base.data_ptr<float>();
+  const float* S = scale.data_ptr<float>();
+  float* P = post.data_ptr<float>();
+  float* C = comb.data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, h.scalar_type(), "hc_pre", [&] {
+    const scalar_t* H = h.data_ptr<scalar_t>();
+    scalar_t* X = x.data_ptr<scalar_t>();
+    at::parallel_for(0, T, grain(m * nD), [&](int64_t t0, int64_t t1) {
+      std::vector<float> hf(nD), mix(m), pre(n);
+      for (int64_t t = t0; t < t1; ++t) {
+        for (int64_t i = 0; i < nD; ++i) hf[i] = ld(H, t * nD + i);
+        const float rs = 1.f / std::sqrt(sumsq(hf.data(), nD) / nD + norm_eps);
+        for (int64_t r = 0; r < m; ++r) mix[r] = dot(hf.data(), F + r * nD, nD) * rs;
+        for (int64_t i = 0; i < n; ++i) {
+          pre[i] = sigmoid(mix[i] * S[0] + B[i]) + eps;
+          P[t * n + i] = 2 * sigmoid(mix[n + i] * S[1] + B[n + i]);
+        }
+        float* c = C + t * n * n;  // [j][k]
+        for (int64_t j = 0; j < n; ++j) {  // softmax over k, + eps
+          float* row = c + j * n;
+          float mx = -INFINITY;
+          for (int64_t k = 0; k < n; ++k) {
+            row[k] = mix[2 * n + j * n + k] * S[2] + B[2 * n + j * n + k];
+            mx = std::max(mx, row[k]);
+          }
+          float sum = 0;
+          for (int64_t k = 0; k < n; ++k) sum += (row[k] = std::exp(row[k] - mx));
+          for (int64_t k = 0; k < n; ++k) row[k] = row[k] / sum + eps;
+        }
+        // divide each line a of comb by its sum + eps: rows (over k) with (n, 1), columns (over j) with (1, n)
+        auto normalize = [&](int64_t line, int64_t step) {
+          for (int64_t a = 0; a < n; ++a) {
+            float s = 0;
+            for (int64_t b = 0; b < n; ++b) s += c[a * line + b * step];
+            for (int64_t b = 0; b < n; ++b) c[a * line + b * step] /= s + eps;
+          }
+        };
+        normalize(1, n);
+        for (int64_t it = 1; it < iters; ++it) {
+          normalize(n, 1);
+          normalize(1, n);
+        }
+        for (int64_t d = 0; d < D; ++d) {
+          float acc = 0;
+          for (int64_t j = 0; j < n; ++j) acc += pre[j] * hf[j * D + d];
+          X[t * D + d] = static_cast<scalar_t>(acc);
+        }
+      }
+    });
+  });
+  return {x, post, comb};
+}
+
+// out [T, D], h [T, n, D] (same dtype), post [T, n], comb [T, n, n] fp32 -> new streams [T, n, D]:
+// stream k = post_k * out + sum_j comb[j, k] * h_j (HyperConnection.post).
+torch::Tensor hc_post(const torch::Tensor& out_in, const torch::Tensor& h_in, const torch::Tensor& post_in,
+                      const torch::Tensor& comb_in) {
+  check_float(h_in, "hc_post h");
+  TORCH_CHECK(h_in.dim() == 3 && out_in.scalar_type() == h_in.scalar_type(), "hc_post: h [T, n, D], out of its dtype");
+  const auto h = h_in.contiguous(), out = out_in.contiguous();
+  const int64_t T = h.size(0), n = h.size(1), D = h.size(2);
+  TORCH_CHECK(out.numel() == T * D && post_in.numel() == T * n && comb_in.numel() == T * n * n,
+              "hc_post: out [T, D], post [T, n], comb [T, n, n] for h ", h.sizes());
+  const auto post = post_in.to(torch::kFloat).contiguous(), comb = comb_in.to(torch::kFloat).contiguous();
+  auto y = torch::empty_like(h);
+  const float* P = post.data_ptr<float>();
+  const float* C = comb.data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, h.scalar_type(), "hc_post", [&] {
+    const scalar_t* H = h.data_ptr<scalar_t>();
+    const scalar_t* O = out.data_ptr<scalar_t>();
+    scalar_t* Y = y.data_ptr<scalar_t>();
+    at::parallel_for(0, T, grain(n * n * D), [&](int64_t t0, int64_t t1) {
+      std::vector<float> acc(D);
+      for (int64_t t = t0; t < t1; ++t) {
+        const scalar_t* ht = H + t * n * D;
+        const float* c = C + t * n * n;
+        for (int64_t k = 0; k < n; ++k) {
+          std::fill(acc.begin(), acc.end(), 0.f);
+          for (int64_t j = 0; j < n; ++j) {
+            const float w = c[j * n + k];
+            for (int64_t d = 0; d < D; ++d) acc[d] += w * ld(ht, j * D + d);
+          }
+          const float p = P[t * n + k];
+          for (int64_t d = 0; d < D; ++d) Y[(t * n + k) * D + d] = static_cast<scalar_t>(p * ld(O, t * D + d) + acc[d]);
+        }
+      }
+    });
+  });
+  return y;
+}
+
+// ---- RMSNorm and RoPE ----
+
+// x [T, ..., D] -> RMSNorm over D (weight [D] or none; skipped when eps < 0), rounded to x's dtype,
+// then the interleaved-pair rotation of the last 2*R2 dims by cos/sin [T, R2] (none: no rotation;
+// inverse: rotate by -angle), in fp32, rounded again: ops.rms_norm, then ops.rope.
+torch::Tensor norm_rope(const torch::Tensor& x_in, const c10::optional<torch::Tensor>& weight_in, double eps_d,
+                        const c10::optional<torch::Tensor>& cos_in, const c10::optional<torch::Tensor>& sin_in,
+                        bool inverse) {
+  check_float(x_in, "norm_rope x");
+  TORCH_CHECK(x_in.dim() >= 1, "norm_rope: x needs a last dimension");
+  const auto x = x_in.contiguous();
+  const int64_t D = x.size(-1), rows = D ? x.numel() / D : 0;
+  const bool norm = eps_d >= 0, rot = cos_in.has_value();
+  torch::Tensor w, cs, sn;
+  if (weight_in.has_value()) {
+    w = weight_in->to(torch::kFloat).contiguous();
+    TORCH_CHECK(w.numel() == D, "norm_rope: weight [", D, "], got ", weight_in->sizes());
+  }
+  int64_t T = 1, R2 = 0;
+  if (rot) {
+    TORCH_CHECK(sin_in.has_value() && x.dim() >= 2, "norm_rope: cos and sin [T, R/2] for x [T, ..., D]");
+    cs = cos_in->to(torch::kFloat).contiguous();
+    sn = sin_in->to(torch::kFloat).contiguous();
+    T = x.size(0), R2 = cs.size(-1);
+    TORCH_CHECK(cs.dim() == 2 && cs.size(0) == T && sn.sizes() == cs.sizes() && 2 * R2 <= D,
+                "norm_rope: cos/sin [", T, ", R/2 <= ", D / 2, "], got ", cos_in->sizes(), " and ", sin_in->sizes());
+  }
+  const int64_t per_t = rot ? rows / T : rows;
+  auto y = torch::empty_like(x);
+  const float eps = static_cast<float>(eps_d);
+  const float* W = w.defined() ? w.data_ptr<float>() : nullptr;
+  const float* CS = rot ? cs.data_ptr<float>() : nullptr;
+  const float* SN = rot ? sn.data_ptr<float>() : nullptr;
+  const float sign = inverse ? -1.f : 1.f;
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "norm_rope", [&] {
+    const scalar_t* X = x.data_ptr<scalar_t>();
+    scalar_t* Y = y.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, grain(4 * D), [&](int64_t r0, int64_t r1) {
+      std::vector<float> v(D);
+      for (int64_t r = r0; r < r1; ++r) {
+        const scalar_t* xr = X + r * D;
+        scalar_t* yr = Y + r * D;
+        for (int64_t i = 0; i < D; ++i) v[i] = ld(xr, i);
+        if (norm) {
+          const float rs = 1.f / std::sqrt(sumsq(v.data(), D) / D + eps);
+          for (int64_t i = 0; i < D; ++i) {
+            const float z = W ? W[i] * (v[i] * rs) : v[i] * rs;
+            v[i] = static_cast<float>(static_cast<scalar_t>(z));  // rms_norm returns x's dtype
+          }
+        }
+        if (rot) {
+          const int64_t t = r / per_t, off = D - 2 * R2;
+          const float* c = CS + t * R2;
+          const float* s = SN + t * R2;
+          for (int64_t p = 0; p < R2; ++p) {
+            const float a = v[off + 2 * p], b = v[off + 2 * p + 1], sp = sign * s[p];
+            v[off + 2 * p] = a * c[p] - b * sp;
+            v[off + 2 * p + 1] = a * sp + b * c[p];
+          }
+        }
+        for (int64_t i = 0; i < D; ++i) yr[i] = static_cast<scalar_t>(v[i]);
+      }
+    });
+  });
+  return y;
+}
+
+// ---- router ----
+
+// logits [T, E] fp32 -> (weights [T, K] fp32, ids [T, K] int64): scores by score_func (0 softmax,
+// 1 sigmoid, 2 sqrt(softplus)); ids = the top K of scores + bias (largest first, the lower id
+// among equals), or hashed [T, K] when given; weights = scores at ids, normalized to sum 1 unless
+// softmax, times route_scale (MoE.route).
+std::vector<torch::Tensor> route(const torch::Tensor& logits_in, const c10::optional<torch::Tensor>& bias_in,
+                                 const c10::optional<torch::Tensor>& hashed_in, int64_t K, int64_t score_func,
+                                 double route_scale) {
+  TORCH_CHECK(logits_in.dim() == 2 && logits_in.scalar_type() == torch::kFloat && logits_in.device().is_cpu(),
+              "route: logits [T, E] float32 on the CPU");
+  const auto logits = logits_in.contiguous();
+  const int64_t T = logits.size(0), E = logits.size(1);
+  TORCH_CHECK(score_func >= 0 && score_func <= 2, "route: score_func 0, 1 or 2, got ", score_func);
+  torch::Tensor bias, hashed;
+  if (hashed_in.has_value()) {
+    hashed = hashed_in->to(torch::kLong).contiguous();
+    TORCH_CHECK(hashed.dim() == 2 && hashed.size(0) == T, "route: hashed ids [", T, ", K], got ", hashed.sizes());
+    K = hashed.size(1);
+  } else {
+    TORCH_CHECK(bias_in.has_value() && bias_in->numel() == E, "route: bias [", E, "] for top-k routing");
+    bias = bias_in->to(torch::kFloat).contiguous();
+  }
+  TORCH_CHECK(K >= 1 && K <= E, "route: K in [1, ", E, "], got ", K);
+  auto weights = torch::empty({T, K}, logits.options());
+  auto ids = hashed.defined() ? hashed.clone() : torch::empty({T, K}, logits.options().dtype(torch::kLong));
+  const float* L = logits.data_ptr<float>();
+  const float* Bs = bias.defined() ? bias.data_ptr<float>() : nullptr;
+  float* Wt = weights.data_ptr<float>();
+  int64_t* I = ids.data_ptr<int64_t>();
+  const float scale = static_cast<float>(route_scale);
+  at::parallel_for(0, T, grain(8 * E), [&](int64_t t0, int64_t t1) {
+    std::vector<float> s(E), key(E);
+    for (int64_t t = t0; t < t1; ++t) {
+      const float* l = L + t * E;
+      if (score_func == 0) {
+        float mx = -INFINITY, sum = 0;
+        for (int64_t e = 0; e < E; ++e) mx = std::max(mx, l[e]);
+        for (int64_t e = 0; e < E; ++e) sum += (s[e] = std::exp(l[e] - mx));
+        for (int64_t e = 0; e < E; ++e) s[e] /= sum;
+      } else if (score_func == 1) {
+        for (int64_t e = 0; e < E; ++e) s[e] = sigmoid(l[e]);
+      } else {  // torch's softplus: x above 20 passes through
+        for (int64_t e = 0; e < E; ++e) s[e] = std::sqrt(l[e] > 20.f ? l[e] : std::log1p(std::exp(l[e])));
+      }
+      int64_t* id = I + t * K;
+      if (Bs) {
+        for (int64_t e = 0; e < E; ++e) key[e] = s[e] + Bs[e];
+        for (int64_t k = 0; k < K; ++k) {
+          int64_t best = -1;
+          for (int64_t e = 0; e < E; ++e)
+            if (key[e] == key[e] && (best < 0 || key[e] > key[best])) best = e;  // NaN never wins
+          if (best < 0) best = k;  // all NaN: any id, as topk would give
+          id[k] = best;
+          key[best] = NAN;
+        }
+      }
+      float* w = Wt + t * K;
+      float sum = 0;
+      for (int64_t k = 0; k < K; ++k) {
+        TORCH_CHECK(id[k] >= 0 && id[k] < E, "route: expert id ", id[k], " outside [0, ", E, ")");
+        sum += (w[k] = s[id[k]]);
+      }
+      for (int64_t k = 0; k < K; ++k) w[k] = (score_func == 0 ? w[k] : w[k] / sum) * scale;
+    }
+  });
+  return {weights, ids};
+}
+
+}  // namespace fused

@@ -1,0 +1,130 @@
+"""The fused per-layer ops (dsv4/kernels/fused.h) against their plain-torch references, per ISA build.
+
+Each fused op must agree with the reference it replaces: fp32 within float rounding of the same math
+(1e-5), bf16 within one bf16 rounding step. A whole tiny model must give fp32 logits within 1e-5 of
+the reference path's and the same greedy chain in bf16.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import CONFIGS, token_ids
+from test_kernels import isa  # noqa: F401  (fixture: every build this CPU can run)
+
+import dsv4
+from dsv4 import kernels, ops
+from dsv4.config import ModelConfig
+from dsv4.model import HyperConnection, MoE
+from dsv4.tiny import random_weights
+
+needs_compiled = pytest.mark.usefixtures("isa")
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def agree(y: torch.Tensor, ref: torch.Tensor) -> None:
+    assert y.dtype == ref.dtype and y.shape == ref.shape
+    if y.dtype == torch.bfloat16:  # one bf16 step at most, where fp32 math rounded differently
+        torch.testing.assert_close(y, ref, rtol=2**-7, atol=1e-3)
+    else:
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+
+
+class Src:
+    """A WeightSource over random_weights of a tiny config."""
+
+    def __init__(self, cfg: ModelConfig):
+        self.t = random_weights(cfg, seed=3)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return self.t[name]
+
+    def weight(self, prefix: str, dtype: torch.dtype):
+        from dsv4.quant import Dense
+
+        return Dense(self.t[prefix + ".weight"].to(dtype))
+
+
+CFG = ModelConfig.from_dict(CONFIGS["flash"])
+
+
+def rand(*shape, dtype=torch.float32, seed=0, scale=1.0) -> torch.Tensor:
+    return (torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale).to(dtype)
+
+
+@needs_compiled
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T", [1, 5])
+def test_hc_pre_post(dtype, T):
+    hc = HyperConnection(CFG, Src(CFG), "layers.1.hc_attn")
+    h = rand(T, CFG.hc_mult, CFG.dim, dtype=dtype, seed=T)
+    x, post, comb = hc.pre(h)
+    rx, rpost, rcomb = hc.pre_torch(h)
+    agree(x, rx)
+    agree(post, rpost)
+    agree(comb, rcomb)
+    assert comb.sum(-2).sub(1).abs().max() < 1e-3  # Sinkhorn: columns sum to 1
+    out = rand(T, CFG.dim, dtype=dtype, seed=9)
+    agree(HyperConnection.post(out, h, rpost, rcomb), HyperConnection.post_torch(out, h, rpost, rcomb))
+
+
+@needs_compiled
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("weighted", [True, False])
+def test_norm_and_rope(dtype, weighted):
+    x = rand(3, 4, 96, dtype=dtype, scale=3.0)
+    w = rand(96, seed=2) if weighted else None
+    cos, sin = torch.cos(rand(3, 16, seed=4)), torch.sin(rand(3, 16, seed=4))
+    agree(ops.rms_norm(x, w, 1e-6), ops.rms_norm_torch(x, w, 1e-6))
+    agree(ops.rms_norm(x[:, 0], w, 1e-6), ops.rms_norm_torch(x[:, 0], w, 1e-6))  # 2-D, a strided view
+    for inverse in (False, True):
+        agree(ops.rope(x, cos, sin, inverse), ops.rope_torch(x, cos, sin, inverse))
+    agree(ops.norm_rope(x, w, 1e-6, cos, sin), ops.rope_torch(ops.rms_norm_torch(x, w, 1e-6), cos, sin))
+    if dtype == torch.bfloat16:  # the norm's bf16 rounding happens before the rotation, as in the reference
+        agree(ops.norm_rope(x, w, 1e-6, cos, sin), ops.rope(ops.rms_norm(x, w, 1e-6), cos, sin))
+
+
+@needs_compiled
+@pytest.mark.parametrize("func", ["sqrtsoftplus", "sigmoid", "softmax"])
+@pytest.mark.parametrize("hashed", [False, True])
+def test_route(func, hashed):
+    layer = CFG.hash_layers.index(hashed)
+    moe = MoE(CFG, Src(CFG), f"layers.{layer}.ffn", hashed, dsv4.model.Numerics(torch.float32))
+    moe.score_func = func
+    x = rand(7, CFG.dim, scale=4.0, seed=5)
+    tokens = torch.tensor(token_ids(7, CFG.vocab_size))
+    w, ids = moe.route(x, tokens)
+    rw, rids = moe.route_torch(torch.nn.functional.linear(x, moe.gate), tokens)
+    assert torch.equal(ids, rids)
+    agree(w, rw)
+
+
+@needs_compiled
+def test_fused_refuses_what_it_cannot_do():
+    x = rand(2, 8).requires_grad_()
+    assert kernels.fused(x) is None  # autograd must differentiate: the reference takes it
+    with torch.no_grad():
+        assert kernels.fused(x) is not None
+    assert kernels.fused(rand(2, 8, dtype=torch.float16)) is None
+    ext = kernels.fused(rand(1))
+    with pytest.raises(RuntimeError, match="fn"):
+        ext.hc_pre(rand(1, 4, 8), rand(3, 3), rand(3), rand(24), 3, 1e-6, 1e-6)
+    with pytest.raises(RuntimeError, match="cos/sin"):
+        ext.norm_rope(rand(2, 8), None, 1e-6, rand(3, 2), rand(3, 2), False)
+
+
+@needs_compiled
+def test_model_matches_reference_path(tiny_ckpt, monkeypatch):
+    """fp32 logits within 1e-5 of the plain-torch ops'; a bf16 greedy chain unchanged."""
+    path = tiny_ckpt("flash").path
+    ids = token_ids(40, CFG.vocab_size)
+    fused32, fused16 = dsv4.load(path, dtype=torch.float32), dsv4.load(path)
+    logits, chain = (
+        fused32.logits(ids),
+        fused16.generate(ids[:8], max_tokens=12, temperature=0.0, ignore_eos=True),
+    )
+    monkeypatch.setattr(kernels, "fused", lambda *t: None)
+    ref32, ref16 = dsv4.load(path, dtype=torch.float32), dsv4.load(path)
+    ref = ref32.logits(ids)
+    assert ((logits - ref).norm(dim=-1) / ref.norm(dim=-1)).max() < 1e-5
+    assert chain == ref16.generate(ids[:8], max_tokens=12, temperature=0.0, ignore_eos=True)
