@@ -134,7 +134,6 @@ class ExpertStore:
     stats: StoreStats = field(default_factory=StoreStats)
 
     def __post_init__(self):
-        _return_freed_memory()
         if self.policy not in POLICIES:
             raise ValueError(f"unknown cache policy {self.policy!r}; use one of {sorted(POLICIES)}")
         self._policy = POLICIES[self.policy]()
@@ -329,23 +328,6 @@ class ExpertStore:
             self.stats.bytes_read += nbytes
             self.stats.read_seconds += time.perf_counter() - t0
         return tuple(out)
-
-
-def _return_freed_memory() -> None:
-    """Make glibc serve every block of 1 MiB or more from mmap, returned to the OS when freed.
-
-    Its default threshold grows after big blocks are freed, after which evicted experts' buffers are
-    recycled inside the heap (and per-thread arenas) instead of given back, and the process's resident
-    memory creeps past the budget. Not glibc (or not Linux): nothing to do.
-    """
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
-        libc.mallopt(-8, 2)  # M_ARENA_MAX
-    except (OSError, AttributeError):
-        pass
 
 
 def _to_device(w: Weight, device: torch.device) -> Weight:
