@@ -187,13 +187,7 @@ class ExpertStore:
         """Change the budget, evicting (policy order) down to it at once."""
         with self._lock:
             self.budget_bytes = nbytes
-            while self._used > nbytes:
-                victim = self._policy.victim(set())
-                if victim is None:
-                    break
-                self._used -= self._cache.pop(victim).nbytes
-                self._policy.remove(victim)
-                self.stats.evictions += 1
+            self._evict(0, set())
 
     def group(self, prefix: str) -> int:
         """How many experts of a layer the MoE should ask for at once (bounds the memory they hold)."""
@@ -290,18 +284,23 @@ class ExpertStore:
                 if k in self._cache:
                     continue
                 size = sum(x.nbytes for x in w)
-                while self._used + size > self.budget_bytes:
-                    victim = self._policy.victim(protect | {k})
-                    if victim is None:
-                        break
-                    self._used -= self._cache.pop(victim).nbytes
-                    self._policy.remove(victim)
-                    self.stats.evictions += 1
+                self._evict(size, protect | {k})
                 if self._used + size > self.budget_bytes:
                     continue  # does not fit even alone: serve it uncached
                 self._cache[k] = _Slot(w, size)
                 self._used += size
                 self._policy.touch(k)
+
+    def _evict(self, room: int, protect: set[Key]) -> None:
+        """Evict in policy order, sparing `protect`, until `room` more bytes fit the budget (or nothing
+        is left to evict). Caller holds the lock."""
+        while self._used + room > self.budget_bytes:
+            victim = self._policy.victim(protect)
+            if victim is None:
+                return
+            self._used -= self._cache.pop(victim).nbytes
+            self._policy.remove(victim)
+            self.stats.evictions += 1
 
     def _read(self, key: Key) -> ExpertWeights:
         import time
