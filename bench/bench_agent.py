@@ -23,7 +23,8 @@ A script, not a test: nothing here asserts a time.
 
     python3 bench/bench_agent.py --granularity                          # the demo model, 10 turns
     flock /tmp/bigmem.lock python3 bench/bench_agent.py --model /tmp/dsv4-flash-slice \\
-        --label "V4-Flash slice" --turns 5 --system-tokens 1000 --granularity
+        --label "V4-Flash slice (12 layers, random weights)" --turns 5 --system-tokens 1000 \\
+        --modes off ram+disk restart --granularity
 """
 
 from __future__ import annotations

@@ -134,9 +134,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         from .prefix_cache import prefill
 
         request = engine.encode(request, thinking_mode=mode, reasoning_effort=args.reasoning_effort)
-        before = cache.stats.tokens_saved
-        state, reused = prefill(engine, cache, request)
-        restored = cache.stats.tokens_saved - before
+        state, restored = prefill(engine, cache, request)
+        reused = len(request) - 1
     prefill_seconds = time.perf_counter() - t0
     try:
         for ev in engine.stream(request, thinking_mode=mode, reasoning_effort=args.reasoning_effort,
@@ -155,6 +154,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         result.stats.prefill_seconds += prefill_seconds
     if not args.quiet:
         print(_stats_line(result), file=sys.stderr)
+    if args.speculative and engine.stats().get("speculation_declined"):
+        print(f"[plain decoding: {engine.stats()['speculation_declined']}]", file=sys.stderr)
     return 0
 
 
@@ -346,7 +347,8 @@ def _sampling_flags(sp: argparse.ArgumentParser, server: bool = False) -> None:
     if not server:
         g.add_argument("--speculative", action="store_true",
                        help="speculative decoding with the checkpoint's draft: DSpark (0731-style releases) or "
-                            "MTP (preview); one sequence")  # fmt: skip
+                            "MTP (preview); one sequence. Drafts only with every expert resident: under a RAM budget it "
+                            "decodes plainly (why: bench/results/speculative.md)")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

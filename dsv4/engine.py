@@ -102,22 +102,27 @@ class Engine:
 
     # ---- generation ----
 
-    def stream(self, prompt: Prompt, *, speculative: bool = False, state: SeqState | None = None, reused: int = 0,
+    def stream(self, prompt: Prompt, *, speculative: bool | str = False, state: SeqState | None = None, reused: int = 0,
                thinking_mode: str = "chat", reasoning_effort: str | None = None, tools: list[dict] | None = None,
                **params: Any) -> Iterator[Event]:  # fmt: skip
         """Generate for one prompt, yielding an Event per token (text deltas safe to show).
 
         Chat messages are rendered with thinking_mode / reasoning_effort / tools; `params` are
         `SamplingParams` fields. `state` + `reused` continue a cached state (sessions).
+        speculative=True drafts with the checkpoint's draft where that is measured to pay (see
+        `speculative.declined`; else decodes plainly and `stats()` says why); "always" drafts regardless.
         """
         ids = self.encode(prompt, thinking_mode=thinking_mode, reasoning_effort=reasoning_effort, tools=tools)
         seq = self.sequence(ids, SamplingParams.of(**params), state, reused)
         self.last_sequence = seq
         if speculative:
-            from .speculative import speculative_events
+            from .speculative import declined, speculative_events
 
-            yield from speculative_events(self, seq)
-            return
+            reason = None if speculative == "always" else declined(self)
+            if reason is None:
+                yield from speculative_events(self, seq)
+                return
+            self._speculation["declined"] = reason  # decode plainly: measured to be faster here
         sched = Scheduler(self)
         sched.add(seq)
         yield from sched.run()
@@ -132,8 +137,9 @@ class Engine:
         """New token ids for one sequence (or for each of several, decoded together in one batch)."""
         many = bool(token_ids) and isinstance(token_ids[0], list)
         prompts = token_ids if many else [token_ids]
-        if params.pop("speculative", False) and not many:
-            return self.complete(list(token_ids), speculative=True, **params).token_ids
+        speculative = params.pop("speculative", False)
+        if speculative and not many:
+            return self.complete(list(token_ids), speculative=speculative, **params).token_ids
         sp = SamplingParams.of(**params)
         seqs = [self.sequence(list(p), sp) for p in prompts]
         sched = Scheduler(self, max_running=len(seqs), max_step_tokens=max(256, len(seqs)))
@@ -145,11 +151,13 @@ class Engine:
         return outs if many else outs[0]
 
     def stats(self) -> dict[str, Any]:
-        """Expert-cache and memory figures (for --stats, the server's /metrics, benchmarks)."""
+        """Expert-cache and memory figures (for the server's /metrics, benchmarks and the CLI's notices)."""
         from .memory import peak_rss_bytes, rss_bytes
 
         out: dict[str, Any] = {"rss_bytes": rss_bytes(), "peak_rss_bytes": peak_rss_bytes()}
         spec = self._speculation
+        if spec.get("declined"):
+            out["speculation_declined"] = spec["declined"]
         if spec["rounds"]:
             out["speculative"] = {**spec, "acceptance_rate": spec["accepted"] / spec["drafted"],
                                   "mean_accepted_length": (spec["accepted"] + spec["rounds"]) / spec["rounds"]}  # fmt: skip

@@ -208,7 +208,8 @@ class Scheduler:
     decodes plainly that step and `fallbacks` counts why (logged once per reason): "mtp" (the preview's
     MTP layer drafts from the main model's last streams and keeps a window state of its own that only a
     single-sequence loop feeds: `speculative_events`), "budget" (the step's token budget has no room for
-    a block), "rollback" (the state cannot forget B + 1 tokens), "draft_error" (the draft raised).
+    a block), "rollback" (the state cannot forget B + 1 tokens), "draft_error" (the draft raised),
+    "ram_budget" (experts under a RAM budget: measured slower than plain decoding, `speculative.declined`).
     """
 
     def __init__(self, engine, *, max_step_tokens: int = 256, max_running: int = 16):
@@ -303,8 +304,12 @@ class Scheduler:
         model = self.engine.model
         if model.dspark is None:
             return self._fall_back(wanted, "mtp" if model.mtp else "no_draft", blocks)
-        from .speculative import propose
+        from .speculative import declined, propose
 
+        plain = [s for s in wanted if s.speculative != "always"] if declined(self.engine) else []
+        if plain:  # only sequences that asked for "always" still draft
+            self._fall_back(plain, "ram_budget", blocks)
+            wanted = [s for s in wanted if s not in plain]
         b = model.dspark.block_size
         for s in wanted:
             if s.state.max_rollback < b + 1:

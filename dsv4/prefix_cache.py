@@ -42,9 +42,9 @@ from .state import SeqState
 log = logging.getLogger("dsv4.prefix_cache")
 
 FORMAT = "dsv4-prefix-cache/1"
-DEFAULT_EVERY = (
-    512  # snapshot granularity inside a prompt, in tokens (bench/bench_agent.py measures its cost)
-)
+# snapshot granularity inside a prompt, in tokens: bytes per snapshot against the prefill a mid-prompt
+# divergence repeats, measured by bench/bench_agent.py --granularity (README "Prompt cache")
+DEFAULT_EVERY = 512
 DEFAULT_DISK_BYTES = 8 << 30
 RAM_SHARE = 16  # the prefix cache may hold 1/16 of the RAM budget ...
 RAM_SHARE_MAX = 4 << 30  # ... and at most 4 GiB
@@ -440,15 +440,21 @@ def for_engine(engine, *, disk_dir: str | Path | None = None, ram: int | str | N
                        disk_bytes=disk_bytes, every=every)  # fmt: skip
 
 
-def prefill(engine, cache: PrefixCache, ids: list[int]) -> tuple[SeqState, int]:
-    """A state holding ids[:-1] (the last token is left for the generator to feed): restored from the
-    cache as far as it goes, the rest fed in pieces that end at the cache's boundaries, each kept."""
-    found = cache.lookup(ids)
-    state, done = found if found is not None else (engine.new_state(), 0)
-    end = len(ids) - 1
+def prefill(
+    engine, cache: PrefixCache, ids: list[int], state: SeqState | None = None
+) -> tuple[SeqState, int]:
+    """A state holding ids[:-1] (the last token is left for the generator to feed), and how many of those
+    tokens came from the cache. Without `state` the longest cached prefix is restored; with one (holding
+    a prefix of ids, a chat session's own) it is continued. The rest is fed in pieces that end at the
+    cache's boundaries, each kept."""
+    restored = 0
+    if state is None:
+        found = cache.lookup(ids)
+        state, restored = found if found is not None else (engine.new_state(), 0)
+    done, end = state.pos, len(ids) - 1
     while done < end:
         nxt = min((done // cache.every + 1) * cache.every, end)
         engine.step([ids[done:nxt]], [state])
         done = nxt
         cache.insert(ids[:done], state)
-    return state, end
+    return state, restored

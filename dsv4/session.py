@@ -6,18 +6,23 @@ while earlier reasoning stays in the prompt), only the new suffix is fed. When t
 text the state already holds (the release drops earlier reasoning once a new user turn starts), the
 session starts a fresh state rather than answer from a different prompt. Either way the reply is
 what a from-scratch run on the rendered prompt gives. With a `PrefixCache` (`dsv4 chat --prompt-cache`)
-each turn's state is kept there too, and a prompt the session's own state cannot continue (a resumed
-conversation, after /think or /reset) starts from the longest prefix the cache holds.
+each turn's prompt is prefilled through the cache (snapshots at its boundaries and at the prompt's end,
+which is what thinking mode's next turn can reuse) and its final state is kept there too; a prompt the
+session's own state cannot continue (a resumed conversation, thinking mode, after /think or /reset)
+starts from the longest prefix the cache holds. `last_result.stats.reused_tokens` counts the prompt
+tokens not prefilled by this turn.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from .generate import Event, Result
+from .prefix_cache import prefill
 
 
 class ChatSession:
@@ -52,12 +57,18 @@ class ChatSession:
         else:
             self.reset_state()
             reused = 0
-            found = self.prefix_cache.lookup(ids) if self.prefix_cache is not None else None
-            if found is not None:
-                self.state, reused = found
+        fed, t0 = reused, time.perf_counter()
+        if self.prefix_cache is not None:
+            # snapshots at the cache's boundaries and at the end of the prompt: thinking mode's next turn
+            # renders this prompt's last token differently, so only a snapshot here serves it
+            self.state, restored = prefill(
+                self.engine, self.prefix_cache, ids, self.state if reused else None
+            )
+            reused, fed = reused + restored, len(ids) - 1
+        prefill_seconds = time.perf_counter() - t0
         finished = False
         try:
-            yield from self.engine.stream(ids, state=self.state, reused=reused, **params)
+            yield from self.engine.stream(ids, state=self.state, reused=fed, **params)
             finished = True
         finally:
             seq = self.engine.last_sequence
@@ -69,6 +80,8 @@ class ChatSession:
             elif self.prefix_cache is not None:
                 self.prefix_cache.insert(self.cached, self.state)
             self.last_result: Result = seq.result()
+            self.last_result.stats.reused_tokens = reused  # from the session's own state or the cache
+            self.last_result.stats.prefill_seconds += prefill_seconds
             reply = parse_completion(seq.text.text, thinking_mode=self.thinking_mode)
             msg: dict[str, Any] = {"role": "assistant", "content": reply.content}
             if reply.reasoning:

@@ -42,6 +42,20 @@ def accept_probability(p: torch.Tensor, q: torch.Tensor, d: int) -> float:
     return min(1.0, float(p[d] / q[d]))
 
 
+def declined(engine) -> str | None:
+    """Why speculative decoding would slow this engine down, or None when it pays.
+
+    Measured on the V4-Flash-dimension slice (bench/bench_speculative.py, bench/results/speculative.md):
+    a verify block of B + 1 tokens reads the union of its tokens' experts and the draft's stages read
+    theirs too, so one round costs several decode steps. With every expert resident that is recovered at
+    the accepted lengths the releases report (2.7-4); with experts behind the expert store under a RAM
+    budget the extra expert reads are disk reads and no block length recovers them."""
+    if getattr(engine.model, "store", None) is not None:
+        return ("experts are served under a RAM budget (--max-ram): a verify block reads the union of its "
+                "tokens' experts, measured slower than plain decoding; speculative='always' overrides")  # fmt: skip
+    return None
+
+
 @torch.inference_mode()
 def speculative_events(engine, seq: Sequence) -> Iterator[Event]:
     """The checkpoint's own draft: DSpark when it has one, else the MTP layer."""

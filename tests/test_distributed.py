@@ -136,6 +136,8 @@ def test_ranks_match_one_process(request, tiny_ckpt, tmp_path_factory, launched,
         assert got[f"{mode}_speculative"] == chain, mode
         comm = got[f"{mode}_comm"]
         assert comm["exchanges"] > 0 and comm["bytes_sent"] > 0 and comm["bytes_received"] > 0
+        # a dispatch would send each row only where its experts are: never more than the broadcast
+        assert 0 < comm["dispatch_bytes"] <= comm["bytes_sent"] + comm["bytes_received"]
 
     n, ranks = one.config.n_routed_experts, run.ranks
     assert sorted(e for i in infos for e in i["layer1_ids"]) == list(range(n))  # disjoint, complete

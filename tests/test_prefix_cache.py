@@ -161,11 +161,12 @@ def test_prefill_keeps_snapshots_at_boundaries(engine, tmp_path):
     shared = token_ids(37, vocab, seed=6)
     a, b = shared + token_ids(5, vocab, seed=7), shared + token_ids(6, vocab, seed=8)
     cache = _cache(engine, tmp_path, every=16)
-    state, n = prefill(engine, cache, a)
-    assert (n, state.pos) == (41, 41)
+    state, restored = prefill(engine, cache, a)
+    assert (restored, state.pos) == (0, 41)
     assert cache.summary()["entries"] == 3  # 16, 32, 41
-    state, n = prefill(engine, cache, b)  # restores 41 rolled back to 37 (its room reaches back to 33)
-    assert n == 42 and cache.stats.tokens_saved == 37
+    state, restored = prefill(engine, cache, b)  # restores 41 rolled back to 37 (its room reaches back to 33)
+    assert (restored, state.pos) == (37, 42) and cache.stats.tokens_saved == 37
+    n = 42
     assert rel_err(_continue_from(engine, state, b, n), engine.logits(b)[n:]).max() <= TOL
 
 
@@ -283,6 +284,28 @@ def test_run_reuses_a_long_shared_prefix_across_invocations(tiny_ckpt, tmp_path)
     assert second.stdout == _dsv4(*base, prompts[1]).stdout  # the same answer as without the cache
 
 
+def test_chat_session_in_thinking_mode_reuses_the_previous_prompt(tiny_ckpt):
+    """Thinking mode renders the previous turn without its reasoning: the snapshot the session kept at the
+    end of the previous prompt serves all of it but its last token (`<think>`, now `</think>`)."""
+    from dsv4.session import ChatSession
+
+    engine = dsv4.load(tiny_ckpt("vocab").path, dtype=torch.float32)
+
+    def talk(cache):
+        session, out = ChatSession(engine, thinking_mode="thinking", prefix_cache=cache), []
+        for q in ("Hello there", "And then?", "Why?"):
+            list(session.send(q, max_tokens=4, temperature=0))
+            out.append((session.messages[-1], session.last_result.stats))
+        return out
+
+    plain, cached = talk(None), talk(for_engine(engine, ram="64M"))
+    assert [m for m, _ in cached] == [m for m, _ in plain]  # the same replies
+    assert [st.reused_tokens for _, st in plain] == [0, 0, 0]  # without the cache: every prompt from scratch
+    assert cached[0][1].reused_tokens == 0
+    for (_, before), (_, st) in zip(cached, cached[1:], strict=False):
+        assert st.reused_tokens == before.prompt_tokens - 1
+
+
 def test_chat_resumes_a_saved_conversation_without_prefilling_it_again(tiny_ckpt, tmp_path):
     model, saved = tiny_ckpt("vocab").path, tmp_path / "chat.json"
     base = ("chat", "--model", model, "--temperature", "0", "--max-tokens", "4")
@@ -325,14 +348,16 @@ def test_plan_prompt_share_is_what_load_and_serve_use(tiny_ckpt, monkeypatch):
     text = plan.render(p, Checkpoint(path), ModelConfig.from_file(path))
     assert "prompt snapshots" in text and "RAM rule: the prefix cache holds 1/16 of the budget" in text
     expert_budgets = []  # what the expert cache is sized from
-    monkeypatch.setattr(loader, "_size_ram_tier", lambda store, ram, cfg: expert_budgets.append(ram))
+    monkeypatch.setattr(
+        loader, "_size_ram_tier", lambda store, ram, prompts, cfg: expert_budgets.append((ram, prompts))
+    )
     engine = dsv4.load(path, max_ram="2G", prompt_cache=True)
-    assert engine.model.prompt_cache_bytes == p.prompt_cache_bytes
-    assert expert_budgets == [budget - p.prompt_cache_bytes]
+    assert engine.model.prompt_cache_bytes == p.prompt_cache_bytes == p.ram.prompts
+    assert expert_budgets == [(budget, p.prompt_cache_bytes)]  # the expert cache gets what the share leaves
     assert for_engine(engine).ram_bytes == p.prompt_cache_bytes  # the snapshots' RAM cap
     apps = []
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: apps.append(app))
     args = build_parser().parse_args(["serve", "--model", str(path), "--max-ram", "2G"])
     assert args.fn(args) == 0
     assert apps[0].state.server.worker.prefix_cache.ram_bytes == p.prompt_cache_bytes
-    assert expert_budgets[-1] == budget - p.prompt_cache_bytes
+    assert expert_budgets[-1] == (budget, p.prompt_cache_bytes)

@@ -2,6 +2,9 @@
 without it, a shared prefix is reported as cached tokens and only the suffix is prefilled, and a
 restarted server with the same --prompt-cache folder reuses the first one's snapshots."""
 
+from pathlib import Path
+
+import httpx
 import pytest
 import torch
 
@@ -76,8 +79,6 @@ def test_answers_equal_without_cache_and_a_restarted_server_reuses_the_store(eng
         _, second2 = _turns(client)
         assert second2.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens - 8
         assert second2.choices[0].message.content == want[1].choices[0].message.content
-        import httpx
-
         metrics = httpx.get(srv.url + "/metrics").text
         assert (
             "dsv4_prefix_cache_hits_total 2" in metrics and 'dsv4_prefix_cache_bytes{tier="disk"}' in metrics
@@ -196,3 +197,26 @@ def test_concurrent_requests_with_n_answer_as_without_the_cache(engine):
     assert [answers(first), answers(second)] == want
     shared = len(engine.encode([{"role": "system", "content": SYSTEM}])) // 32 * 32
     assert all(r.usage.prompt_tokens_details.cached_tokens >= shared > 0 for r in second)
+
+
+def test_a_terminated_server_finishes_writing_its_snapshots(tiny_ckpt, tmp_path):
+    """SIGTERM (what service managers send): the server shuts down through its cleanup, which waits for
+    the prefix cache's queued writes, instead of dying when uvicorn re-raises the signal."""
+    import signal
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    from bench_server import start_server
+
+    proc, url = start_server(
+        tiny_ckpt("vocab").path, "fp32", 4, ["--prompt-cache", str(tmp_path)], wait_s=300
+    )
+    try:
+        model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
+        body = {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+        assert httpx.post(url + "/v1/chat/completions", json=body, timeout=120).status_code == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(60)
+    assert code == 128 + signal.SIGTERM  # left through `finally`, not killed by the signal
+    assert list(tmp_path.glob("*/*.safetensors"))

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 
 
 def add_serve_parser(subparsers, common_parent: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -87,10 +89,20 @@ def serve(args: argparse.Namespace) -> int:
                      prefix_cache=cache, speculative=args.speculative)  # fmt: skip
     print(f"dsv4 serve: {name} on http://{args.host}:{args.port}/ (API at /v1, metrics at /metrics)",
           file=sys.stderr, flush=True)  # fmt: skip
+    # uvicorn shuts down gracefully on SIGTERM, then raises it again: with the default action the process
+    # would die there, before the prefix cache's queued writes are flushed; exit through `finally` instead
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if main else None
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     finally:
         app.state.server.worker.close()
         if cache is not None:
             cache.flush(timeout=30)  # snapshots still being written
+        if main:
+            signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _exit_on_sigterm(signum, frame) -> None:
+    raise SystemExit(128 + signum)
