@@ -184,6 +184,11 @@ def slice_one(args) -> None:
 
 
 def slice_bench(args) -> None:
+    if args.quick:  # a 1024-wide slice (bench_offload.py --quick dimensions): small enough to run unlocked
+        sys.path.insert(0, str(Path(__file__).parent))
+        from bench_offload import ensure_checkpoint, slice_config
+
+        ensure_checkpoint(args.slice, slice_config(12, 32, True))
     ensure_dspark_slice(args.slice, args.out, args.rank)
     rows = []
     for ram in args.configs.split(","):
@@ -229,6 +234,9 @@ def main() -> None:
     )
     ap.add_argument("--configs", default="resident,8G", help="slice runs: resident and/or RAM budgets")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--quick", action="store_true", help="write and use a 1024-wide slice at --slice (2.3 GB)"
+    )
     ap.add_argument("--rank", type=int, default=256, help="Markov rank of the slice's draft (Flash: 256)")
     ap.add_argument("--reps", type=int, default=4)
     args = ap.parse_args()

@@ -347,7 +347,8 @@ def _sampling_flags(sp: argparse.ArgumentParser, server: bool = False) -> None:
     if not server:
         g.add_argument("--speculative", action="store_true",
                        help="speculative decoding with the checkpoint's draft: DSpark (0731-style releases) or "
-                            "MTP (preview); one sequence")  # fmt: skip
+                            "MTP (preview); one sequence. Drafts only with every expert resident: under a RAM budget it "
+                            "decodes plainly (why: bench/results/speculative.md)")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

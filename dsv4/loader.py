@@ -14,8 +14,9 @@ import torch
 from .checkpoint import Checkpoint
 from .config import ModelConfig
 from .experts import ExpertStore, attach
-from .memory import available_bytes, parse_size, rss_bytes
+from .memory import available_bytes, parse_size, return_freed_memory, rss_bytes
 from .model import Numerics, ResidentExperts, Transformer
+from .plan import RamLayout, ram_layout
 from .prefix_cache import ram_share
 
 NUMERICS = ("exact", "released")
@@ -72,6 +73,7 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: t
     owned = frozenset(expert_ids) if expert_ids is not None else None
     store = None
     if ram is not None or vram is not None:
+        return_freed_memory()  # evicted experts' buffers must go back to the OS for the budget to hold
         store = ExpertStore(
             ckpt, budget_bytes=0, dtype=parse_numerics(dtype, numerics).dtype, policy=cache_policy, owned=owned
         )
@@ -95,8 +97,9 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: t
     # through `model.store`) when speculation asks for it.
     model.release = release
     ckpt.close()  # the header maps and descriptors: weights were copied into memory of their own
+    model.ram_layout = None
     if store is not None:
-        _size_ram_tier(store, None if ram is None else ram - share, cfg)
+        model.ram_layout = _size_ram_tier(store, ram, share, cfg)
         attach(model, store)
     model.store = store
     model.prompt_cache_bytes = share if prompt_cache else None
@@ -140,24 +143,16 @@ def _build(build, cfg, ckpt, device, numerics, provider, progress, with_mtp: boo
     return model
 
 
-def _size_ram_tier(store: ExpertStore, ram: int | None, cfg: ModelConfig) -> None:
-    """Give the RAM tier what the budget leaves after the process as loaded (runtime, dense weights),
-    minus a reserve for activations and KV state; refuse a budget that cannot hold one layer's experts."""
+def _size_ram_tier(store: ExpertStore, ram: int | None, prompts: int, cfg: ModelConfig) -> RamLayout | None:
+    """Give the RAM tier what the budget leaves after the process as loaded (runtime, dense weights) by
+    the planner's rule (`plan.ram_layout`); refuse a budget that cannot hold one layer's experts."""
     ram_tier = store.lower if store.lower is not None else store
-    one = ram_tier.expert_bytes("layers.0.ffn.experts", 0)
     if ram is None:
         ram_tier.set_budget(1 << 62)  # no RAM limit: cache everything that gets read
-        return
-    reserve = max(128 << 20, ram // 10)  # activations, KV state, reader threads, allocator slack
-    left = ram - rss_bytes() - reserve
-    # experts handed to a layer at once, and prefetches in flight, live outside the cache's budget
-    working = max(cfg.n_activated_experts * one, left // 10)
-    need = cfg.n_activated_experts * one + 2 * working
-    if left < need:
-        raise ValueError(
-            f"--max-ram {ram / 2**30:.2f} GiB is too small: the process already uses {rss_bytes() / 2**30:.2f} GiB "
-            f"with the dense weights loaded, and the expert cache needs at least {need / 2**20:.0f} MiB more "
-            f"plus a {reserve / 2**20:.0f} MiB reserve"
-        )
-    ram_tier.group_bytes = ram_tier.prefetch_bytes = working
-    ram_tier.set_budget(left - 2 * working)
+        return None
+    one = ram_tier.expert_bytes("layers.0.ffn.experts", 0)
+    layout = ram_layout(ram, rss_bytes(), prompts, one, cfg.n_activated_experts)
+    layout.check()
+    ram_tier.group_bytes = ram_tier.prefetch_bytes = layout.working
+    ram_tier.set_budget(layout.cache)
+    return layout

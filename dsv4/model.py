@@ -457,7 +457,7 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         weights, ids = self.route(x, tokens)
-        used = torch.unique(ids).tolist()
+        used = sorted(set(ids.flatten().tolist()))
         prefetch_next = getattr(self.experts, "prefetch_next", None)
         if prefetch_next is not None:  # start reading the next layer's likely experts while this one computes
             prefetch_next(x, tokens, used)
@@ -468,11 +468,18 @@ class MoE(nn.Module):
                    used: list[int]) -> torch.Tensor:  # fmt: skip
         """y [T, D] fp32 plus the routed experts `used`' contributions (x [T, D], weights/ids [T, K])."""
         group = getattr(self.experts, "group", None) or max(len(used), 1)  # a store bounds how many it hands out at once
+        # decode (one token, K distinct experts): no gather/scatter, y + out is what index_add computes
+        slot_of = {e: k for k, e in enumerate(ids[0].tolist())} if ids.shape[0] == 1 else {}
+        one = len(slot_of) == ids.shape[1]
         for i in range(0, len(used), group):
             chunk = used[i : i + group]
             got = self.experts.get(chunk)
             for e in chunk:  # a fixed order: the sum must not depend on where experts came from
                 w1, w2, w3 = got[e]
+                if one:
+                    k = slot_of[e]
+                    y = y + ops.expert_mlp(x, w1, w2, w3, self.limit, weights[:, k : k + 1]).float()
+                    continue
                 rows, slot = torch.where(ids == e)
                 out = ops.expert_mlp(x[rows], w1, w2, w3, self.limit, weights[rows, slot, None])
                 y = y.index_add(0, rows, out.float())
@@ -634,7 +641,7 @@ class Transformer(nn.Module):
     def logits_from(self, h: torch.Tensor) -> torch.Tensor:
         """Streams [T, n, D] -> float32 logits [T, V]."""
         x = ops.rms_norm(self.hc_head(h), self.norm, self.cfg.norm_eps)
-        return F.linear(x, self.head).float()
+        return ops.linear(x, Dense(self.head)).float()
 
     def dspark_draft(self, state: SeqState, anchor: int, pick):
         """The DSpark draft block after `state` (see `DSparkDraft.propose`)."""

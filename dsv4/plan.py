@@ -18,8 +18,54 @@ import torch
 from .checkpoint import Checkpoint
 from .config import ModelConfig
 from .inspect import human, summarize
-from .memory import available_bytes
+from .memory import available_bytes, rss_bytes
 from .prefix_cache import RAM_SHARE, RAM_SHARE_MAX, ram_share
+
+
+@dataclass(frozen=True)
+class RamLayout:
+    """How a RAM budget divides: the one rule both `dsv4 plan` and `load` (loader._size_ram_tier) follow.
+
+    budget = resident + prompts + reserve + 2 * working + cache, where `resident` is the process with its
+    dense weights loaded (measured by `load`; estimated by the planner), `working` bounds both the experts
+    a layer holds at once and the prefetch reads in flight, and `cache` is the expert cache's budget."""
+
+    budget: int
+    resident: int
+    prompts: int  # prompt snapshots (the prefix cache), 0 without one
+    reserve: int  # activations, KV state, reader threads, allocator slack
+    working: int
+    cache: int
+    need: int  # the least `cache + 2 * working` that works: one layer's active experts, twice over
+
+    @property
+    def fits(self) -> bool:
+        return self.cache + 2 * self.working >= self.need
+
+    def check(self) -> None:
+        if not self.fits:
+            raise ValueError(
+                f"--max-ram {self.budget / 2**30:.2f} GiB is too small: the process already uses "
+                f"{self.resident / 2**30:.2f} GiB with the dense weights loaded, and the expert cache needs at "
+                f"least {self.need / 2**20:.0f} MiB more plus a {self.reserve / 2**20:.0f} MiB reserve"
+                + (f" and {self.prompts / 2**20:.0f} MiB of prompt snapshots" if self.prompts else "")
+            )
+
+
+def ram_layout(budget: int, resident: int, prompts: int, expert_bytes: int, active: int) -> RamLayout:
+    """Divide `budget` (see RamLayout); `expert_bytes` is one routed expert, `active` experts per token."""
+    reserve = max(128 << 20, budget // 10)
+    left = budget - resident - prompts - reserve
+    working = max(active * expert_bytes, left // 10)
+    need = active * expert_bytes + 2 * working
+    return RamLayout(budget, resident, prompts, reserve, working, max(left - 2 * working, 0), need)
+
+
+def one_expert_bytes(ckpt: Checkpoint) -> int:
+    """Bytes of one routed expert (w1, w2, w3 with their scales), as stored."""
+    prefix = "layers.0.ffn.experts.0"
+    return sum(ckpt.nbytes(f"{prefix}.{w}.{part}") for w in ("w1", "w2", "w3") for part in ("weight", "scale")
+               if f"{prefix}.{w}.{part}" in ckpt)  # fmt: skip
 
 
 @dataclass
@@ -32,6 +78,7 @@ class Plan:
     vram_budget: int | None
     cache_bytes: int  # routed experts that fit in RAM (and VRAM)
     prompt_cache_bytes: int  # prompt snapshots (the server's prefix cache): prefix_cache.ram_share
+    ram: RamLayout  # the budget (all available memory without one) as `load` will divide it
     ram_gbs: float
     disk_gbs: float
 
@@ -87,17 +134,21 @@ def measure_disk_gbs(ckpt: Checkpoint, nbytes: int = 128 << 20) -> float:
 
 
 def make_plan(ckpt: Checkpoint, cfg: ModelConfig, ram: int | None = None, vram: int | None = None,
-              runtime_bytes: int = 600 << 20) -> Plan:  # fmt: skip
-    """Budgets in bytes; None means all of the machine's available RAM (no GPU tier)."""
+              resident: int | None = None) -> Plan:  # fmt: skip
+    """Budgets in bytes; None means all of the machine's available RAM (no GPU tier). `resident`: the
+    process with its dense weights loaded, by default this process (Python, torch) plus the dense bytes.
+    The prefix cache's share is set aside as `dsv4 serve` (and --prompt-cache) does."""
     s = summarize(ckpt, cfg)
     per_token = s.expert_bytes * cfg.n_activated_experts // max(cfg.n_routed_experts, 1)
     head = ckpt.nbytes("head.weight")
     budget = ram if ram is not None else available_bytes()
     prompts = ram_share(ram, available_bytes())
-    cache = max(0, budget - s.dense_bytes - runtime_bytes - prompts) + (vram or 0)
+    resident = rss_bytes() + s.dense_bytes if resident is None else resident
+    layout = ram_layout(budget, resident, prompts, one_expert_bytes(ckpt), cfg.n_activated_experts)
+    cache = layout.cache + (vram or 0)
     # the embedding is read one row per token, not whole
     dense_read = s.dense_bytes - ckpt.nbytes("embed.weight")
-    return Plan(dense_read, s.expert_bytes, per_token, head, ram, vram, min(cache, s.expert_bytes), prompts,
+    return Plan(dense_read, s.expert_bytes, per_token, head, ram, vram, min(cache, s.expert_bytes), prompts, layout,
                 measure_ram_gbs(), measure_disk_gbs(ckpt))  # fmt: skip
 
 
@@ -121,8 +172,17 @@ def render(plan: Plan, ckpt: Checkpoint, cfg: ModelConfig) -> str:
         f"bandwidth-bound decode: {plan.tokens_per_second:.2f} tokens/s",
         f"RAM rule: the prefix cache holds 1/{RAM_SHARE} of the budget (at most {human(RAM_SHARE_MAX)}), "
         "the expert cache what the dense weights, runtime and prefix cache leave",
+        render_ram(plan.ram),
     ]
     return "\n".join(out)
+
+
+def render_ram(r: RamLayout) -> str:
+    """The budget's division in MiB (what `load` prints at -v and what its test compares)."""
+    mib = lambda n: f"{n / 2**20:.0f} MiB"  # noqa: E731
+    line = (f"RAM {mib(r.budget)} = process with dense weights {mib(r.resident)} + prompt snapshots {mib(r.prompts)} "
+            f"+ reserve {mib(r.reserve)} + 2 x experts in use / in flight {mib(r.working)} + expert cache {mib(r.cache)}")  # fmt: skip
+    return line if r.fits else line + f" (too small: load refuses it, the experts need {mib(r.need)})"
 
 
 # ---------------------------------------------------------------- expert parallelism (dsv4.distributed)

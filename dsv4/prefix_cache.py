@@ -42,9 +42,9 @@ from .state import SeqState
 log = logging.getLogger("dsv4.prefix_cache")
 
 FORMAT = "dsv4-prefix-cache/1"
-DEFAULT_EVERY = (
-    512  # snapshot granularity inside a prompt, in tokens (bench/bench_agent.py measures its cost)
-)
+# snapshot granularity inside a prompt, in tokens: bytes per snapshot against the prefill a mid-prompt
+# divergence repeats, measured by bench/bench_agent.py --granularity (README "Prompt cache")
+DEFAULT_EVERY = 512
 DEFAULT_DISK_BYTES = 8 << 30
 RAM_SHARE = 16  # the prefix cache may hold 1/16 of the RAM budget ...
 RAM_SHARE_MAX = 4 << 30  # ... and at most 4 GiB

@@ -32,10 +32,11 @@ E2M1_VALUES = torch.tensor(
 
 
 def e8m0_to_float(scale: torch.Tensor) -> torch.Tensor:
-    """e8m0 bytes (float8_e8m0fnu or uint8) -> float32 powers of two; fp32 scales pass through."""
+    """e8m0 bytes (float8_e8m0fnu or uint8) -> float32 2^(byte - 127), 0xFF NaN; fp32 scales pass through."""
     if scale.dtype in (torch.float8_e8m0fnu, torch.uint8):
         bits = scale.view(torch.uint8).to(torch.int32)
-        return torch.ldexp(torch.ones_like(bits, dtype=torch.float32), bits - 127)
+        out = torch.ldexp(torch.ones_like(bits, dtype=torch.float32), bits - 127)
+        return out.masked_fill_(bits == 0xFF, math.nan)  # the OCP MX spec's NaN (not 2^128)
     return scale.float()
 
 

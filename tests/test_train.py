@@ -201,3 +201,24 @@ def test_speculation_declined_under_a_ram_budget():
     assert "RAM budget" in stats["speculation_declined"] and "speculative" not in stats
     assert engine.generate(ids, max_tokens=12, temperature=0, speculative="always") == plain
     assert engine.stats()["speculative"]["rounds"] > 0
+
+
+def test_scheduler_declines_speculation_under_a_ram_budget():
+    """The batching scheduler (the server's path) follows the same measured default."""
+    from dsv4.generate import Scheduler
+    from dsv4.sampling import SamplingParams
+
+    tok = Tokenizer.from_dir(DEMO_DSPARK)
+    ids = tok.encode(DEMO_PROMPT, add_special_tokens=True)
+    engine = dsv4.load(DEMO_DSPARK, dtype=torch.float32, max_ram="2G")
+    sched = Scheduler(engine)
+    seqs = [
+        engine.sequence(ids, SamplingParams.of(max_tokens=8, temperature=0), speculative=s)
+        for s in (True, "always")
+    ]
+    for s in seqs:
+        sched.add(s)
+    for _ in sched.run():
+        pass
+    assert seqs[0].output == seqs[1].output == engine.generate(ids, max_tokens=8, temperature=0)
+    assert sched.fallbacks["ram_budget"] > 0 and seqs[0].stats.draft_rounds == 0 < seqs[1].stats.draft_rounds

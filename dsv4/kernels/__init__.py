@@ -13,7 +13,7 @@ with the Sinkhorn iterations, RMSNorm + RoPE, the router); `fused()` says whethe
 and their callers in `dsv4.ops` / `dsv4.model` keep the plain-torch reference beside them.
 
 The compiled path (`cpu_kernels.cpp` with `avx512.h` or `avx2.h`) is built on first use with
-`torch.utils.cpp_extension.load` into `~/.cache/dsv4/kernels/<hash>`, the hash covering the sources,
+`torch.utils.cpp_extension.load` into `~/.cache/dsv4/kernels/<hash>`, the hash covering the sources (and their path),
 the flags, the torch version and the CPU's flags (the build uses `-march=native`). It needs a C++
 compiler, `ninja` and a CPU with AVX-512 (F, BW, VL) or AVX2 + FMA + F16C; the AVX2 build drops
 AVX-512 with `-mno-avx512f`. `DSV4_KERNELS` picks: `torch` (every call takes the fallback), `avx2`
@@ -30,6 +30,7 @@ import hashlib
 import os
 import platform
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -136,6 +137,9 @@ def _build_dir(isa: str) -> Path:
         h.update(path.read_bytes())
     h.update(" ".join(_CFLAGS + ISA_FLAGS[isa] + _LDFLAGS).encode())
     h.update(torch.__version__.encode())
+    # the folder's build.ninja names the source path: two checkouts sharing one folder rebuild each
+    # other's build on every load (and a build killed halfway leaves a lock the next load waits on)
+    h.update(str(_SOURCE).encode())
     h.update(" ".join(sorted(_cpu_flags())).encode())
     return Path.home() / ".cache" / "dsv4" / "kernels" / f"{isa}-{h.hexdigest()[:16]}"
 
@@ -157,6 +161,7 @@ def _build(isa: str):
 
         build = _build_dir(isa)
         build.mkdir(parents=True, exist_ok=True)
+        _clear_stale_lock(build / "lock")
         return load(
             name=f"dsv4_cpu_kernels_{isa}",
             sources=[str(_SOURCE)],
@@ -174,6 +179,17 @@ def _build(isa: str):
             stacklevel=4,
         )
         return None
+
+
+def _clear_stale_lock(lock: Path, max_age: float = 600.0) -> None:
+    """torch's build lock, left behind by a build that was killed, makes every later load wait
+    forever; a build takes ~1-2 min, so a lock untouched for `max_age` seconds is stale."""
+    try:
+        if time.time() - lock.stat().st_mtime > max_age:
+            lock.unlink()
+            warnings.warn(f"dsv4.kernels: removed a stale build lock {lock}", RuntimeWarning, stacklevel=4)
+    except FileNotFoundError:
+        pass
 
 
 _X_DTYPES = (torch.float32, torch.bfloat16)
