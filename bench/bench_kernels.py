@@ -20,6 +20,7 @@ import time
 import torch
 
 from dsv4 import kernels
+from dsv4.plan import measure_ram_gbs
 from dsv4.quant import quantize_fp8_block, quantize_mxfp4
 
 BATCHES = (1, 4, 32, 128)
@@ -32,13 +33,7 @@ HEADER = [
 
 
 def read_bandwidth(reps: int) -> float:
-    t = torch.ones(128 << 20)  # 512 MB of fp32
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        t.sum()
-        best = min(best, time.perf_counter() - t0)
-    return t.numel() * 4 / best / 1e9
+    return measure_ram_gbs(512 << 20, reps)  # the planner's probe, over 512 MB
 
 
 def make_weights(fmt: str, shape: tuple[int, int], total_mb: int) -> list[tuple]:

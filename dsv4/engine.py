@@ -151,7 +151,7 @@ class Engine:
         return outs if many else outs[0]
 
     def stats(self) -> dict[str, Any]:
-        """Expert-cache and memory figures (for --stats, the server's /metrics, benchmarks)."""
+        """Expert-cache and memory figures (for the server's /metrics, benchmarks and the CLI's notices)."""
         from .memory import peak_rss_bytes, rss_bytes
 
         out: dict[str, Any] = {"rss_bytes": rss_bytes(), "peak_rss_bytes": peak_rss_bytes()}

@@ -134,7 +134,6 @@ class ExpertStore:
     stats: StoreStats = field(default_factory=StoreStats)
 
     def __post_init__(self):
-        _return_freed_memory()
         if self.policy not in POLICIES:
             raise ValueError(f"unknown cache policy {self.policy!r}; use one of {sorted(POLICIES)}")
         self._policy = POLICIES[self.policy]()
@@ -188,13 +187,7 @@ class ExpertStore:
         """Change the budget, evicting (policy order) down to it at once."""
         with self._lock:
             self.budget_bytes = nbytes
-            while self._used > nbytes:
-                victim = self._policy.victim(set())
-                if victim is None:
-                    break
-                self._used -= self._cache.pop(victim).nbytes
-                self._policy.remove(victim)
-                self.stats.evictions += 1
+            self._evict(0, set())
 
     def group(self, prefix: str) -> int:
         """How many experts of a layer the MoE should ask for at once (bounds the memory they hold)."""
@@ -291,18 +284,23 @@ class ExpertStore:
                 if k in self._cache:
                     continue
                 size = sum(x.nbytes for x in w)
-                while self._used + size > self.budget_bytes:
-                    victim = self._policy.victim(protect | {k})
-                    if victim is None:
-                        break
-                    self._used -= self._cache.pop(victim).nbytes
-                    self._policy.remove(victim)
-                    self.stats.evictions += 1
+                self._evict(size, protect | {k})
                 if self._used + size > self.budget_bytes:
                     continue  # does not fit even alone: serve it uncached
                 self._cache[k] = _Slot(w, size)
                 self._used += size
                 self._policy.touch(k)
+
+    def _evict(self, room: int, protect: set[Key]) -> None:
+        """Evict in policy order, sparing `protect`, until `room` more bytes fit the budget (or nothing
+        is left to evict). Caller holds the lock."""
+        while self._used + room > self.budget_bytes:
+            victim = self._policy.victim(protect)
+            if victim is None:
+                return
+            self._used -= self._cache.pop(victim).nbytes
+            self._policy.remove(victim)
+            self.stats.evictions += 1
 
     def _read(self, key: Key) -> ExpertWeights:
         import time
@@ -329,23 +327,6 @@ class ExpertStore:
             self.stats.bytes_read += nbytes
             self.stats.read_seconds += time.perf_counter() - t0
         return tuple(out)
-
-
-def _return_freed_memory() -> None:
-    """Make glibc serve every block of 1 MiB or more from mmap, returned to the OS when freed.
-
-    Its default threshold grows after big blocks are freed, after which evicted experts' buffers are
-    recycled inside the heap (and per-thread arenas) instead of given back, and the process's resident
-    memory creeps past the budget. Not glibc (or not Linux): nothing to do.
-    """
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
-        libc.mallopt(-8, 2)  # M_ARENA_MAX
-    except (OSError, AttributeError):
-        pass
 
 
 def _to_device(w: Weight, device: torch.device) -> Weight:

@@ -32,11 +32,8 @@ class Summary:
 def summarize(ckpt: Checkpoint, cfg: ModelConfig) -> Summary:
     s = Summary()
     for name in ckpt.names():
-        e = ckpt.entries[name]
-        numel = 1
-        for d in e.shape:
-            numel *= d
-        nbytes = numel * e.dtype.itemsize
+        e, nbytes = ckpt.entries[name], ckpt.nbytes(name)
+        numel = nbytes // e.dtype.itemsize
         s.bytes_by_format[FORMAT_NAMES.get(e.dtype, str(e.dtype))] += nbytes
         is_scale = name.endswith(".scale") and e.dtype in (torch.float8_e8m0fnu, torch.uint8, torch.float32)
         params = 0 if is_scale else numel * (2 if e.dtype in (torch.int8, torch.uint8) else 1)

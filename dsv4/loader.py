@@ -14,7 +14,7 @@ import torch
 from .checkpoint import Checkpoint
 from .config import ModelConfig
 from .experts import ExpertStore, attach
-from .memory import available_bytes, parse_size, rss_bytes
+from .memory import available_bytes, parse_size, return_freed_memory, rss_bytes
 from .model import Numerics, ResidentExperts, Transformer
 from .plan import RamLayout, ram_layout
 from .prefix_cache import ram_share
@@ -73,6 +73,7 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: t
     owned = frozenset(expert_ids) if expert_ids is not None else None
     store = None
     if ram is not None or vram is not None:
+        return_freed_memory()  # evicted experts' buffers must go back to the OS for the budget to hold
         store = ExpertStore(
             ckpt, budget_bytes=0, dtype=parse_numerics(dtype, numerics).dtype, policy=cache_policy, owned=owned
         )

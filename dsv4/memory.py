@@ -1,5 +1,6 @@
 """Memory sizes and readings: human units ("12G", "512M"), this process's resident memory, the
-machine's available memory. Linux /proc first, portable fallbacks after."""
+machine's available memory (Linux /proc first, portable fallbacks after); and the process-wide
+allocator setting that lets a RAM budget hold (`return_freed_memory`, called by loading)."""
 
 from __future__ import annotations
 
@@ -52,3 +53,20 @@ def available_bytes() -> int:
     except OSError:
         pass
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def return_freed_memory() -> None:
+    """Make glibc serve every block of 1 MiB or more from mmap, returned to the OS when freed.
+
+    Its default threshold grows after big blocks are freed, after which evicted experts' buffers are
+    recycled inside the heap (and per-thread arenas) instead of given back, and the process's resident
+    memory creeps past the budget. Not glibc (or not Linux): nothing to do.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-8, 2)  # M_ARENA_MAX
+    except (OSError, AttributeError):
+        pass

@@ -348,14 +348,16 @@ def test_plan_prompt_share_is_what_load_and_serve_use(tiny_ckpt, monkeypatch):
     text = plan.render(p, Checkpoint(path), ModelConfig.from_file(path))
     assert "prompt snapshots" in text and "RAM rule: the prefix cache holds 1/16 of the budget" in text
     expert_budgets = []  # what the expert cache is sized from
-    monkeypatch.setattr(loader, "_size_ram_tier", lambda store, ram, cfg: expert_budgets.append(ram))
+    monkeypatch.setattr(
+        loader, "_size_ram_tier", lambda store, ram, prompts, cfg: expert_budgets.append((ram, prompts))
+    )
     engine = dsv4.load(path, max_ram="2G", prompt_cache=True)
-    assert engine.model.prompt_cache_bytes == p.prompt_cache_bytes
-    assert expert_budgets == [budget - p.prompt_cache_bytes]
+    assert engine.model.prompt_cache_bytes == p.prompt_cache_bytes == p.ram.prompts
+    assert expert_budgets == [(budget, p.prompt_cache_bytes)]  # the expert cache gets what the share leaves
     assert for_engine(engine).ram_bytes == p.prompt_cache_bytes  # the snapshots' RAM cap
     apps = []
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: apps.append(app))
     args = build_parser().parse_args(["serve", "--model", str(path), "--max-ram", "2G"])
     assert args.fn(args) == 0
     assert apps[0].state.server.worker.prefix_cache.ram_bytes == p.prompt_cache_bytes
-    assert expert_budgets[-1] == budget - p.prompt_cache_bytes
+    assert expert_budgets[-1] == (budget, p.prompt_cache_bytes)

@@ -9,23 +9,14 @@ of how the figures are produced.
 from __future__ import annotations
 
 import math
-import os
 import re
-import resource
 import threading
 from collections import Counter
 from typing import Any
 
+from ..memory import rss_bytes
+
 _NAME_BAD = re.compile(r"[^a-zA-Z0-9_]")
-
-
-def rss_bytes() -> int:
-    """Current resident memory of this process (peak RSS where /proc is missing)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 class RequestCounts:
