@@ -51,7 +51,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .model import MoE, Transformer
+from .model import MoE, Transformer, link_layers
 
 log = logging.getLogger("dsv4.distributed")
 
@@ -355,9 +355,7 @@ class ParallelMoE(nn.Module):
 
     def _local(self, y: torch.Tensor, x, tokens, weights, ids) -> torch.Tensor:
         used = [e for e in torch.unique(ids).tolist() if e in self.owned]
-        prefetch_next = getattr(self.moe.experts, "prefetch_next", None)
-        if prefetch_next is not None:
-            prefetch_next(x, tokens, used)
+        self.moe.experts.prefetch_next(x, tokens, used, self.moe.next_moe)
         return self.moe.add_routed(y, x, weights, ids, used)
 
     def forward(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -401,6 +399,7 @@ class ExpertShard(nn.Module):
     guesses with it) and this rank's routed experts. The routing math is MoE's own."""
 
     route, prefetch_hashed, add_routed = MoE.route, MoE.prefetch_hashed, MoE.add_routed
+    next_moe: ExpertShard | None = None  # set by model.link_layers
 
     def __init__(self, cfg, src, p: str, hashed: bool, experts):
         super().__init__()
@@ -441,6 +440,7 @@ class Follower(nn.Module):
             self.layers.append(slot(f"layers.{i}", cfg.hash_layers[i]))
             if progress is not None:
                 progress(i)
+        link_layers(self)
         drafts = range(cfg.n_mtp_layers) if with_mtp else ()
         if getattr(cfg, "dspark", False):  # the DSpark stages, counted as Transformer counts them
             drafts = range(len({n.split(".")[1] for n in src.names() if n.startswith("mtp.")}))

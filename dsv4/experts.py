@@ -342,7 +342,6 @@ class LayerExperts:
 
     def __init__(self, store: ExpertStore, prefix: str):
         self.store, self.prefix = store, prefix
-        self.next_router = None  # the next layer's MoE (for early routing), wired by `attach`
 
     @property
     def group(self) -> int:
@@ -354,24 +353,15 @@ class LayerExperts:
     def prefetch(self, ids: list[int]) -> None:
         self.store.prefetch(self.prefix, ids)
 
-    def prefetch_next(self, x: torch.Tensor, tokens: torch.Tensor, used: list[int]) -> None:
+    def prefetch_next(self, x: torch.Tensor, tokens: torch.Tensor, used: list[int], nxt) -> None:
         """This layer uses experts `used`: score the guess made for it, then guess the next layer's
         experts by applying its router to this layer's input. A hash layer's are known exactly from
         the tokens (the forward pass asked for them at its start; ask again, as prefetches are bounded)."""
         self.store.score_guess(self.prefix, used)
-        nxt = self.next_router
-        if nxt is None:
+        if nxt is None or not isinstance(nxt.experts, LayerExperts):
             return
         if nxt.tid2eid is not None:
             nxt.prefetch_hashed(tokens)
             return
         _, guess = nxt.route(x, tokens)
         self.store.guess(nxt.experts.prefix, torch.unique(guess).tolist())
-
-
-def attach(model, store: ExpertStore) -> None:
-    """Wire each layer's LayerExperts to the next layer's router, for early-routing prefetch."""
-    layers = list(model.layers)
-    for cur, nxt in zip(layers, layers[1:], strict=False):
-        if isinstance(cur.ffn.experts, LayerExperts) and isinstance(nxt.ffn.experts, LayerExperts):
-            cur.ffn.experts.next_router = nxt.ffn

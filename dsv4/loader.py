@@ -13,7 +13,7 @@ import torch
 
 from .checkpoint import Checkpoint
 from .config import ModelConfig
-from .experts import ExpertStore, attach
+from .experts import ExpertStore
 from .memory import available_bytes, parse_size, return_freed_memory, rss_bytes
 from .model import Numerics, ResidentExperts, Transformer
 from .plan import RamLayout, ram_layout
@@ -100,7 +100,6 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: t
     model.ram_layout = None
     if store is not None:
         model.ram_layout = _size_ram_tier(store, ram, share, cfg)
-        attach(model, store)
     model.store = store
     model.prompt_cache_bytes = share if prompt_cache else None
     return model, ckpt

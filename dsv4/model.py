@@ -37,6 +37,21 @@ class WeightSource(Protocol):
     def weight(self, prefix: str, dtype: torch.dtype) -> Weight: ...
 
 
+class ExpertProvider(Protocol):
+    """Where one MoE layer's routed experts come from: held in memory (`ResidentExperts`), or an expert
+    store with tiers, a budget and prefetch (`experts.LayerExperts`), for all experts or a rank's share."""
+
+    @property
+    def group(self) -> int: ...  # the most experts one `get` hands out (and holds) at once
+
+    def get(self, ids: list[int]) -> dict[int, tuple[Weight, Weight, Weight]]: ...
+
+    def prefetch(self, ids: list[int]) -> None: ...  # these will be asked for soon
+
+    def prefetch_next(self, x: torch.Tensor, tokens: torch.Tensor, used: list[int], nxt: MoE | None) -> None:
+        """This layer uses `used`; `nxt` is the next layer's MoE (its router guesses what it will use)."""
+
+
 @dataclass(frozen=True)
 class Numerics:
     dtype: torch.dtype = torch.bfloat16
@@ -405,14 +420,28 @@ class ResidentExperts(nn.Module):
         super().__init__()
         self.experts = nn.ModuleDict({str(e): Expert(src, f"{prefix}.{e}", dtype) for e in (ids if ids is not None else range(n))})
 
+    @property
+    def group(self) -> int:
+        return max(len(self.experts), 1)
+
     def get(self, ids: list[int]) -> dict[int, tuple[Weight, Weight, Weight]]:
         return {e: self.experts[str(e)].weights() for e in ids}
+
+    def prefetch(self, ids: list[int]) -> None:
+        pass  # in memory already
+
+    def prefetch_next(self, x: torch.Tensor, tokens: torch.Tensor, used: list[int], nxt: MoE | None) -> None:
+        pass
 
 
 class MoE(nn.Module):
     """Router (hash or sqrtsoftplus top-k with selection bias), routed experts and one shared expert."""
 
-    def __init__(self, cfg: ModelConfig, src: WeightSource, p: str, hashed: bool, numerics: Numerics, experts=None):
+    # the next layer's MoE, for early-routing prefetch: a reference set by `link_layers`, not a submodule
+    next_moe: MoE | None = None
+
+    def __init__(self, cfg: ModelConfig, src: WeightSource, p: str, hashed: bool, numerics: Numerics,
+                 experts: ExpertProvider | None = None):  # fmt: skip
         super().__init__()
         self.gate = _param(src.tensor(f"{p}.gate.weight"), torch.float32)
         self.register_buffer("tid2eid", src.tensor(f"{p}.gate.tid2eid").long() if hashed else None, persistent=False)
@@ -451,23 +480,21 @@ class MoE(nn.Module):
 
     def prefetch_hashed(self, tokens: torch.Tensor) -> None:
         """A hash layer knows its experts from the token ids alone: a store can start reading them now."""
-        prefetch = getattr(self.experts, "prefetch", None)
-        if self.tid2eid is not None and prefetch is not None:
-            prefetch(torch.unique(self.tid2eid[tokens]).tolist())
+        if self.tid2eid is not None:
+            self.experts.prefetch(torch.unique(self.tid2eid[tokens]).tolist())
 
     def forward(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         weights, ids = self.route(x, tokens)
         used = sorted(set(ids.flatten().tolist()))
-        prefetch_next = getattr(self.experts, "prefetch_next", None)
-        if prefetch_next is not None:  # start reading the next layer's likely experts while this one computes
-            prefetch_next(x, tokens, used)
+        # start reading the next layer's likely experts while this one computes
+        self.experts.prefetch_next(x, tokens, used, self.next_moe)
         y = ops.expert_mlp(x, *self.shared.weights(), self.limit).float()
         return self.add_routed(y, x, weights, ids, used).to(x.dtype)
 
     def add_routed(self, y: torch.Tensor, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
                    used: list[int]) -> torch.Tensor:  # fmt: skip
         """y [T, D] fp32 plus the routed experts `used`' contributions (x [T, D], weights/ids [T, K])."""
-        group = getattr(self.experts, "group", None) or max(len(used), 1)  # a store bounds how many it hands out at once
+        group = self.experts.group  # a store bounds how many it hands out at once
         # decode (one token, K distinct experts): no gather/scatter, y + out is what index_add computes
         slot_of = {e: k for k, e in enumerate(ids[0].tolist())} if ids.shape[0] == 1 else {}
         one = len(slot_of) == ids.shape[1]
@@ -555,6 +582,7 @@ class Transformer(nn.Module):
                                      cfg.hash_layers[i], numerics, experts))  # fmt: skip
             if progress is not None:
                 progress(i)
+        link_layers(self)
         self.hc_head = HyperHead(cfg, src, "")
         self.norm = _param(src.tensor("norm.weight"), torch.float32)
         self.head = _param(src.tensor("head.weight"), dt)
@@ -668,3 +696,12 @@ class Transformer(nn.Module):
         for ls in mtp_states:
             ls.commit()
         return F.linear(x, self.head).float()
+
+
+def link_layers(model: nn.Module) -> None:
+    """Give each layer's MoE a reference to the next layer's (early-routing prefetch guesses with its
+    router). Set around nn.Module's attribute hook: a reference, not a submodule (no second copy of the
+    next layer in `state_dict` or `modules()`)."""
+    layers = list(model.layers)
+    for cur, nxt in zip(layers, layers[1:], strict=False):
+        object.__setattr__(cur.ffn, "next_moe", nxt.ffn)
