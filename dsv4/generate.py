@@ -147,6 +147,10 @@ class Sequence:
     def prefilling(self) -> bool:
         return self._t_first is None
 
+    def age(self) -> float:
+        """Seconds since the sequence was made (the server's end-to-end latency when it ends)."""
+        return time.perf_counter() - self._t0
+
     def append(self, token_id: int, logits: torch.Tensor | None) -> Event:
         """Record a sampled token, apply the stop rules, and return its event."""
         now = time.perf_counter()
