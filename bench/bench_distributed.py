@@ -210,6 +210,7 @@ def measured_table(a: argparse.Namespace) -> str:
         rss = " / ".join(f"{b / 1e9:.2f}" for b in r["rss"])
         rows.append(f"| {n} | {r['seconds'] / steps * 1e3:.1f} | {moved:.1f} | {a2a:.1f} | {blocked:.1f} | {rss} "
                     f"| {r['chain'] == base} |")  # fmt: skip
+        print(rows[-1], flush=True)  # a long run (the Flash slice) shows each row as it lands
     return (f"measured on this machine ({os.cpu_count()} cores shared by all ranks and other jobs: noisy), model "
             f"{a.model}, --max-ram {a.max_ram} per rank, {a.tokens} greedy tokens after a 32-token prompt (bf16), "
             "gloo on localhost; per token = per generated token, the prompt's step included\n\n" + "\n".join(rows))  # fmt: skip

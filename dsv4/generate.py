@@ -248,7 +248,19 @@ class Scheduler:
             while self.waiting and len(self.running) < self.max_running:
                 self.running.append(self.waiting.popleft())
             plan, budget = [], self.max_step_tokens
-            for s in sorted(self.running, key=lambda s: s.prefilling):  # decoders first
+            for s in [x for x in self.running if not x.prefilling]:  # decoders first
+                if budget <= 0:
+                    break
+                plan.append((s, s.pending[:budget]))
+                budget -= len(plan[-1][1])
+            room, block = [], self._block_size()
+            if block:  # then draft blocks, to those that verified the fewest so far
+                for s in sorted((x for x, _ in plan if x.speculative), key=lambda x: x.stats.draft_rounds):
+                    if budget < block:
+                        break
+                    room.append(s.id)
+                    budget -= block
+            for s in [x for x in self.running if x.prefilling]:  # then prefill chunks
                 if budget <= 0:
                     break
                 n = min(len(s.pending), budget)
@@ -256,7 +268,7 @@ class Scheduler:
                 budget -= n
         if not plan:
             return []
-        blocks = self._draft(plan, budget)
+        blocks = self._draft(plan, room)
         feeds = [fed + blocks[s.id][0] if s.id in blocks else fed for s, fed in plan]
         states = [s.state for s, _ in plan]
         if blocks:
@@ -282,8 +294,13 @@ class Scheduler:
 
     # ---- speculative decoding ----
 
-    def _draft(self, plan: list[tuple[Sequence, list[int]]], budget: int) -> dict[int, tuple[list[int], list]]:  # fmt: skip
-        """Draft blocks for the speculative decoders of this step: seq id -> (drafts, their q rows)."""
+    def _block_size(self) -> int:
+        dspark = getattr(getattr(self.engine, "model", None), "dspark", None)
+        return dspark.block_size if dspark is not None else 0
+
+    def _draft(self, plan: list[tuple[Sequence, list[int]]], room: list[int]) -> dict[int, tuple[list[int], list]]:  # fmt: skip
+        """Draft blocks for the speculative decoders of this step (those in `room` fit the step's token
+        budget): seq id -> (drafts, their q rows)."""
         blocks: dict[int, tuple[list[int], list]] = {}
         wanted = [s for s, _ in plan if s.speculative and not s.prefilling and len(s.pending) == 1]
         if not wanted:
@@ -301,12 +318,11 @@ class Scheduler:
         for s in wanted:
             if s.state.max_rollback < b + 1:
                 self._fall_back([s], "rollback", blocks)
-            elif budget < b:
+            elif s.id not in room:
                 self._fall_back([s], "budget", blocks)
             else:
                 try:
                     blocks[s.id] = propose(model, s)
-                    budget -= b
                 except Exception:
                     log.exception("sequence %d: the DSpark draft failed; decoding this step plainly", s.id)
                     self._fall_back([s], "draft_error", blocks)

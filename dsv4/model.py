@@ -641,7 +641,7 @@ class Transformer(nn.Module):
     def logits_from(self, h: torch.Tensor) -> torch.Tensor:
         """Streams [T, n, D] -> float32 logits [T, V]."""
         x = ops.rms_norm(self.hc_head(h), self.norm, self.cfg.norm_eps)
-        return F.linear(x, self.head).float()
+        return ops.linear(x, Dense(self.head)).float()
 
     def dspark_draft(self, state: SeqState, anchor: int, pick):
         """The DSpark draft block after `state` (see `DSparkDraft.propose`)."""

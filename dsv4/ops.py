@@ -18,10 +18,16 @@ import torch.nn.functional as F
 from . import kernels
 from .quant import MXFP4, Dense, FP8Block, Weight
 
+_GEMV_ROWS = 4  # up to this many rows of bf16 x, a Dense bf16 weight takes the kernels' GEMV
+
 
 def linear(x: torch.Tensor, w: Weight) -> torch.Tensor:
     """y = x @ W^T for any weight format; returns x's dtype (quantized formats accumulate in fp32)."""
     if isinstance(w, Dense):
+        if x.dtype == torch.bfloat16 == w.weight.dtype and x.dim() == 2 and x.shape[0] <= _GEMV_ROWS:
+            ext = kernels.fused(x, w.weight)
+            if ext is not None:  # decode: stream the matrix once (torch's bf16 GEMV is far slower)
+                return ext.bf16_linear(x, w.weight)
         return F.linear(x, w.weight if w.weight.dtype == x.dtype else w.weight.to(x.dtype))
     if isinstance(w, MXFP4):
         return kernels.mxfp4_linear(x, w.weight, w.scale)

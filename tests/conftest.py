@@ -13,6 +13,16 @@ from dsv4.writer import write_checkpoint  # noqa: E402
 
 torch.set_num_threads(2)
 
+
+def pytest_sessionstart(session):
+    """Build the CPU kernels once, in this process, before any test starts a CLI or server process
+    under a timeout: a first build takes 1-2 minutes on 2 cores, and would otherwise fall inside the
+    first subprocess test's time limit."""
+    import dsv4.kernels
+
+    dsv4.kernels.available()
+
+
 # Tiny configs covering every layer type, hash and routed MoE, hc_mult 4, MTP.
 # Indexer scores tie exactly (at 0) when every head's ReLU is 0, and which tied entry top-k keeps is
 # implementation-defined; 16 indexer heads make such ties too rare to decide a pick (V4 itself has 64).

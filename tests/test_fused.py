@@ -128,3 +128,12 @@ def test_model_matches_reference_path(tiny_ckpt, monkeypatch):
     ref = ref32.logits(ids)
     assert ((logits - ref).norm(dim=-1) / ref.norm(dim=-1)).max() < 1e-5
     assert chain == ref16.generate(ids[:8], max_tokens=12, temperature=0.0, ignore_eos=True)
+
+
+@needs_compiled
+@pytest.mark.parametrize("rows", [1, 3, 9])  # 9: past the GEMV's rows, F.linear takes it
+def test_bf16_gemv(rows):
+    from dsv4.quant import Dense
+
+    x, w = rand(rows, 200, dtype=torch.bfloat16), rand(1000, 200, dtype=torch.bfloat16, seed=7)
+    agree(ops.linear(x, Dense(w)), torch.nn.functional.linear(x, w))

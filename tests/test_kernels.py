@@ -377,3 +377,17 @@ def test_openmp_waits_passively_unless_the_user_says(user):
     code = "import dsv4, os; print(os.environ['OMP_WAIT_POLICY'])"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == (user or "PASSIVE")
+
+
+def test_a_lock_left_by_a_killed_build_is_cleared(tmp_path):
+    """torch's build lock file, left by a build that was killed, no longer makes later loads wait."""
+    import fcntl
+
+    (tmp_path / "lock").touch()
+    with kernels._build_lock(tmp_path):
+        assert not (tmp_path / "lock").exists()
+        with open(tmp_path / "dsv4.lock") as f:  # held: another builder would wait here
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    with open(tmp_path / "dsv4.lock") as f:  # released on exit
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -18,6 +18,7 @@ from test_server import LiveServer  # noqa: E402
 import dsv4  # noqa: E402
 from dsv4.dspark import Proposal  # noqa: E402
 from dsv4.generate import Scheduler  # noqa: E402
+from dsv4.sampling import SamplingParams  # noqa: E402
 from dsv4.server.app import create_app  # noqa: E402
 
 MODEL = "tiny-v4"
@@ -95,8 +96,8 @@ def test_batched_dspark_greedy_equals_plain(dspark, monkeypatch):
     sizes = []
     real = Scheduler._draft
 
-    def spy(self, plan, budget):
-        blocks = real(self, plan, budget)
+    def spy(self, plan, room):
+        blocks = real(self, plan, room)
         sizes.append(len(blocks))
         return blocks
 
@@ -158,3 +159,22 @@ def test_0731_reasoning_effort_levels_through_the_server(tiny_ckpt):
         )
     finally:
         server.stop()
+
+
+def test_scheduler_chunks_prompts_and_budgets_blocks(dspark, monkeypatch):
+    """A step budget of 9 tokens: prompts prefill in chunks beside other sequences' blocks, and a decoder
+    whose block does not fit decodes plainly that step ("budget"); the answers stay plain greedy, and the
+    blocks go round the decoders."""
+    engine, _ = dspark
+    monkeypatch.setattr(engine.model, "dspark_draft", oracle(engine, [5, 1, 3]))
+    params = SamplingParams.of(max_tokens=24, temperature=0.0, ignore_eos=True)
+    sched = Scheduler(engine, max_step_tokens=9)
+    seqs = [engine.sequence(p, params, speculative=True) for p in PROMPTS]
+    for s in seqs:
+        sched.add(s)
+    for _ in sched.run():
+        pass
+    assert [s.output for s in seqs] == [
+        engine.generate(p, max_tokens=24, temperature=0.0, ignore_eos=True) for p in PROMPTS
+    ]
+    assert sched.fallbacks["budget"] > 0 and all(s.stats.draft_rounds > 0 for s in seqs)

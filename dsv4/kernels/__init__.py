@@ -26,11 +26,12 @@ This module knows the weight formats only; which layer uses which format is `dsv
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import platform
 import threading
-import time
 import warnings
 from pathlib import Path
 
@@ -161,15 +162,15 @@ def _build(isa: str):
 
         build = _build_dir(isa)
         build.mkdir(parents=True, exist_ok=True)
-        _clear_stale_lock(build / "lock")
-        return load(
-            name=f"dsv4_cpu_kernels_{isa}",
-            sources=[str(_SOURCE)],
-            extra_cflags=_CFLAGS + ISA_FLAGS[isa],
-            extra_ldflags=_LDFLAGS,
-            build_directory=str(build),
-            verbose=False,
-        )
+        with _build_lock(build):
+            return load(
+                name=f"dsv4_cpu_kernels_{isa}",
+                sources=[str(_SOURCE)],
+                extra_cflags=_CFLAGS + ISA_FLAGS[isa],
+                extra_ldflags=_LDFLAGS,
+                build_directory=str(build),
+                verbose=False,
+            )
     except Exception as e:  # no compiler, no ninja, a broken cache: the engine still runs
         _reasons[isa] = f"the {isa} build failed ({type(e).__name__})"
         warnings.warn(
@@ -181,15 +182,20 @@ def _build(isa: str):
         return None
 
 
-def _clear_stale_lock(lock: Path, max_age: float = 600.0) -> None:
-    """torch's build lock, left behind by a build that was killed, makes every later load wait
-    forever; a build takes ~1-2 min, so a lock untouched for `max_age` seconds is stale."""
-    try:
-        if time.time() - lock.stat().st_mtime > max_age:
-            lock.unlink()
-            warnings.warn(f"dsv4.kernels: removed a stale build lock {lock}", RuntimeWarning, stacklevel=4)
-    except FileNotFoundError:
-        pass
+@contextlib.contextmanager
+def _build_lock(build: Path):
+    """One builder per folder across processes, under a lock the OS drops when its holder dies.
+
+    torch's own lock is a file that a killed build leaves behind, and every later load then waits on
+    it forever (a CLI run killed by a timeout while compiling did that). Every dsv4 build takes this
+    lock first, so a torch lock found while holding it was left by a build that no longer runs."""
+    with open(build / "dsv4.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            (build / "lock").unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 _X_DTYPES = (torch.float32, torch.bfloat16)

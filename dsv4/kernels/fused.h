@@ -288,4 +288,47 @@ std::vector<torch::Tensor> route(const torch::Tensor& logits_in, const c10::opti
   return {weights, ids};
 }
 
+// ---- bf16 matrix-vector ----
+
+inline float bf16_bits(uint16_t b) {
+  const uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// x [M, in] bf16 (a few rows: decode), w [out, in] bf16 -> x @ w.T [M, out] bf16, fp32 sums: what
+// F.linear computes, streaming w once at memory speed (torch's bf16 GEMV reached ~1-2 GB/s here
+// on the vocabulary head, the largest single read of a decode step on small models).
+torch::Tensor bf16_linear(const torch::Tensor& x_in, const torch::Tensor& w_in) {
+  TORCH_CHECK(x_in.scalar_type() == torch::kBFloat16 && w_in.scalar_type() == torch::kBFloat16 && x_in.dim() == 2 &&
+                  w_in.dim() == 2 && x_in.size(1) == w_in.size(1) && x_in.device().is_cpu() && w_in.device().is_cpu(),
+              "bf16_linear: x [M, in] and w [out, in], bfloat16 on the CPU; got ", x_in.sizes(), " and ", w_in.sizes());
+  const auto xf = x_in.to(torch::kFloat).contiguous();
+  const auto w = w_in.contiguous();
+  const int64_t M = xf.size(0), in = xf.size(1), out = w.size(0);
+  auto y = torch::empty({M, out}, x_in.options());
+  const float* X = xf.data_ptr<float>();
+  const auto* W = reinterpret_cast<const uint16_t*>(w.data_ptr());
+  auto* Y = y.data_ptr<at::BFloat16>();
+  at::parallel_for(0, out, std::max<int64_t>(1, kMinThreadBytes / std::max<int64_t>(1, 2 * in)), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const uint16_t* wr = W + r * in;
+      prefetch(reinterpret_cast<const uint8_t*>(wr) + kPrefetch);
+      for (int64_t m = 0; m < M; ++m) {
+        const float* xm = X + m * in;
+        float acc[16] = {0};
+        int64_t i = 0;
+        for (; i + 16 <= in; i += 16)
+          for (int l = 0; l < 16; ++l) acc[l] += bf16_bits(wr[i + l]) * xm[i + l];
+        float s = 0;
+        for (; i < in; ++i) s += bf16_bits(wr[i]) * xm[i];
+        for (int l = 0; l < 16; ++l) s += acc[l];
+        Y[m * out + r] = static_cast<at::BFloat16>(s);
+      }
+    }
+  });
+  return y;
+}
+
 }  // namespace fused
