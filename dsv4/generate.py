@@ -41,6 +41,7 @@ class Event:
 class Stats:
     prompt_tokens: int = 0
     generated_tokens: int = 0
+    sampled_tokens: int = 0  # generated_tokens plus a stop token not returned: decode_seconds spans these - 1
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     reused_tokens: int = 0  # prompt tokens served from a cached state (sessions)
@@ -154,6 +155,7 @@ class Sequence:
     def append(self, token_id: int, logits: torch.Tensor | None) -> Event:
         """Record a sampled token, apply the stop rules, and return its event."""
         now = time.perf_counter()
+        self.stats.sampled_tokens += 1
         if self._t_first is None:
             self._t_first = now
             self.stats.prefill_seconds = now - self._t0

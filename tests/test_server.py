@@ -225,6 +225,7 @@ def test_latency_and_length_histograms(engine, server):
     # each sequence's mean gap between tokens times its gaps (4 and 2) fits in its time after the first token
     assert 0 < m["dsv4_time_per_output_token_seconds_sum"] * 2 <= e2e - ttft + 1e-6
     assert m['dsv4_requests_total{route="/v1/chat/completions",status="200"}'] == 1
+    assert m['dsv4_sequences_finished_total{reason="length"}'] == 2
 
 
 def test_engine_stats_become_metrics():
@@ -361,6 +362,10 @@ def test_engine_failure_fails_only_its_request(server, engine, monkeypatch):
 
     r, want = ref(engine, HELLO, max_tokens=12)
     monkeypatch.setattr(engine, "step", step)
+    errors = lambda: samples(httpx.get(server.url + "/metrics").text).get(  # noqa: E731
+        'dsv4_sequences_finished_total{reason="error"}', 0
+    )
+    before = errors()
     body = {"model": MODEL, "messages": HELLO, "max_tokens": 12, "temperature": 0, "stream": True}
     with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60) as s:
         lines = s.iter_lines()
@@ -377,6 +382,7 @@ def test_engine_failure_fails_only_its_request(server, engine, monkeypatch):
                             json={"model": MODEL, "prompt": [0, poison], "max_tokens": 3, "stream": True})  # fmt: skip
     assert '"engine_error"' in bad_stream.text and bad_stream.text.endswith("data: [DONE]\n\n")
     server.wait_idle()
+    assert errors() == before + 2
 
 
 def greedy_up_to_ties(

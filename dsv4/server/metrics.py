@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import re
 import threading
-from collections import Counter
+from collections import Counter as Tally
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -39,7 +39,7 @@ class RequestCounts:
 
     def __init__(self, routes: set[str]):
         self.routes = routes
-        self.counts: Counter[tuple[str, int]] = Counter()
+        self.counts: Tally[tuple[str, int]] = Tally()
         self._lock = threading.Lock()
 
     def add(self, path: str, status: int) -> None:
@@ -165,31 +165,40 @@ class Metrics:
     def __init__(self, routes: set[str]):
         self.registry = CollectorRegistry()
         self.requests = RequestCounts(routes)
-        hist = lambda name, help, buckets: Histogram(name, help, buckets=buckets, registry=self.registry)  # noqa: E731
-        self.ttft = hist("dsv4_time_to_first_token_seconds",
-                         "From a sequence's arrival to its first generated token.", LATENCY_BUCKETS)  # fmt: skip
-        self.tpot = hist("dsv4_time_per_output_token_seconds",
-                         "Mean time between a sequence's generated tokens, after the first.", TOKEN_TIME_BUCKETS)  # fmt: skip
-        self.e2e = hist("dsv4_e2e_request_latency_seconds",
-                        "From a sequence's arrival to its end.", REQUEST_BUCKETS)  # fmt: skip
-        self.prompt_len = hist("dsv4_request_prompt_tokens", "Prompt tokens of a sequence.", LENGTH_BUCKETS)
-        self.output_len = hist("dsv4_request_generation_tokens", "Tokens generated for a sequence.",
-                               LENGTH_BUCKETS)  # fmt: skip
+        h = self._histogram
+        self.ttft = h("dsv4_time_to_first_token_seconds", "From a sequence's arrival to its first token.",
+                      LATENCY_BUCKETS)  # fmt: skip
+        self.tpot = h("dsv4_time_per_output_token_seconds",
+                      "Mean time between a sequence's generated tokens (a stop token included).",
+                      TOKEN_TIME_BUCKETS)  # fmt: skip
+        self.e2e = h(
+            "dsv4_e2e_request_latency_seconds", "From a sequence's arrival to its end.", REQUEST_BUCKETS
+        )
+        self.prompt_len = h("dsv4_request_prompt_tokens", "Prompt tokens of a sequence.", LENGTH_BUCKETS)
+        self.output_len = h(
+            "dsv4_request_generation_tokens", "Tokens generated for a sequence.", LENGTH_BUCKETS
+        )
+        self.ended = Counter("dsv4_sequences_finished", "Sequences ended, by finish reason.",
+                             labelnames=["reason"], registry=self.registry)  # fmt: skip
+
+    def _histogram(self, name: str, help: str, buckets: tuple[float, ...]) -> Histogram:
+        return Histogram(name, help, buckets=buckets, registry=self.registry)
 
     def watch(self, worker, engine) -> None:
         """Read `worker`'s and `engine`'s figures at every scrape."""
         self.registry.register(_Live(self.requests, worker, engine))
 
-    def finished(self, seq) -> None:
+    def finished(self, seq, reason: str) -> None:
         """Record a sequence that has just ended (called from the worker's thread)."""
         st = seq.stats
+        self.ended.labels(reason=reason).inc()
         self.e2e.observe(seq.age())
         self.prompt_len.observe(len(seq.prompt_ids))
         self.output_len.observe(len(seq.output))
         if not seq.prefilling:  # it produced a token
             self.ttft.observe(st.prefill_seconds)
-        if len(seq.output) > 1:
-            self.tpot.observe(st.decode_seconds / (len(seq.output) - 1))
+        if st.sampled_tokens > 1:
+            self.tpot.observe(st.decode_seconds / (st.sampled_tokens - 1))
 
     def render(self) -> bytes:
         """The whole /metrics page, in the Prometheus text format."""
