@@ -41,6 +41,7 @@ class Event:
 class Stats:
     prompt_tokens: int = 0
     generated_tokens: int = 0
+    sampled_tokens: int = 0  # generated_tokens plus a stop token not returned: decode_seconds spans these - 1
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     reused_tokens: int = 0  # prompt tokens served from a cached state (sessions)
@@ -147,9 +148,14 @@ class Sequence:
     def prefilling(self) -> bool:
         return self._t_first is None
 
+    def age(self) -> float:
+        """Seconds since the sequence was made (the server's end-to-end latency when it ends)."""
+        return time.perf_counter() - self._t0
+
     def append(self, token_id: int, logits: torch.Tensor | None) -> Event:
         """Record a sampled token, apply the stop rules, and return its event."""
         now = time.perf_counter()
+        self.stats.sampled_tokens += 1
         if self._t_first is None:
             self._t_first = now
             self.stats.prefill_seconds = now - self._t0

@@ -20,6 +20,7 @@ openai = pytest.importorskip("openai")
 import uvicorn  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 import dsv4  # noqa: E402
 from dsv4.chat import parse_completion  # noqa: E402
@@ -179,8 +180,52 @@ def test_models_health_metrics(client, server):
     assert 'route="/v1/chat/completions",status="200"' in text
     httpx.post(server.url + "/v1/completions", json={"model": "nope", "prompt": "x"})
     assert 'route="/v1/completions",status="404"' in httpx.get(server.url + "/metrics").text
-    generated = next(line for line in text.splitlines() if line.startswith("dsv4_generated_tokens_total "))
-    assert int(generated.split()[1]) > 0
+    assert samples(text)["dsv4_generated_tokens_total"] > 0
+
+
+def samples(text: str) -> dict[str, float]:
+    """A /metrics page as {sample name with its labels: value}, read by prometheus_client's parser."""
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in s.labels.items())
+            out[s.name + (f"{{{labels}}}" if labels else "")] = s.value
+    return out
+
+
+def test_latency_and_length_histograms(engine, server):
+    """A second app in the same process (its own registry beside `server`'s): one histogram entry per
+    request, lengths that add up to the usage the client saw, times that fit in the time it waited."""
+    fresh = LiveServer(create_app(engine, model_name=MODEL, max_context=CONTEXT))
+    try:
+        client = openai.OpenAI(base_url=fresh.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        t0 = time.monotonic()
+        chat = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=5, temperature=0,
+                                              extra_body={"ignore_eos": True})  # fmt: skip
+        chunks = list(client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=3, temperature=0,
+                                                stream=True, stream_options={"include_usage": True},
+                                                extra_body={"ignore_eos": True}))  # fmt: skip
+        waited = time.monotonic() - t0
+        reply = httpx.get(fresh.url + "/metrics")
+        m = samples(reply.text)
+    finally:
+        fresh.stop()
+    assert reply.headers["content-type"].startswith("text/plain")
+    usage = [chat.usage, chunks[-1].usage]
+    assert [u.completion_tokens for u in usage] == [5, 3]
+    for name in ("time_to_first_token_seconds", "time_per_output_token_seconds", "e2e_request_latency_seconds",
+                 "request_prompt_tokens", "request_generation_tokens"):  # fmt: skip
+        assert m[f"dsv4_{name}_count"] == 2 == m[f'dsv4_{name}_bucket{{le="+Inf"}}'], name
+    assert m["dsv4_request_prompt_tokens_sum"] == sum(u.prompt_tokens for u in usage)
+    assert m["dsv4_request_generation_tokens_sum"] == 8 == m["dsv4_generated_tokens_total"]
+    buckets = {le: m[f'dsv4_request_generation_tokens_bucket{{le="{le}"}}'] for le in ("2.0", "5.0")}
+    assert buckets == {"2.0": 0, "5.0": 2}
+    ttft, e2e = m["dsv4_time_to_first_token_seconds_sum"], m["dsv4_e2e_request_latency_seconds_sum"]
+    assert 0 < ttft < e2e < waited
+    # each sequence's mean gap between tokens times its gaps (4 and 2) fits in its time after the first token
+    assert 0 < m["dsv4_time_per_output_token_seconds_sum"] * 2 <= e2e - ttft + 1e-6
+    assert m['dsv4_requests_total{route="/v1/chat/completions",status="200"}'] == 1
+    assert m['dsv4_sequences_finished_total{reason="length"}'] == 2
 
 
 def test_engine_stats_become_metrics():
@@ -317,6 +362,10 @@ def test_engine_failure_fails_only_its_request(server, engine, monkeypatch):
 
     r, want = ref(engine, HELLO, max_tokens=12)
     monkeypatch.setattr(engine, "step", step)
+    errors = lambda: samples(httpx.get(server.url + "/metrics").text).get(  # noqa: E731
+        'dsv4_sequences_finished_total{reason="error"}', 0
+    )
+    before = errors()
     body = {"model": MODEL, "messages": HELLO, "max_tokens": 12, "temperature": 0, "stream": True}
     with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60) as s:
         lines = s.iter_lines()
@@ -333,6 +382,7 @@ def test_engine_failure_fails_only_its_request(server, engine, monkeypatch):
                             json={"model": MODEL, "prompt": [0, poison], "max_tokens": 3, "stream": True})  # fmt: skip
     assert '"engine_error"' in bad_stream.text and bad_stream.text.endswith("data: [DONE]\n\n")
     server.wait_idle()
+    assert errors() == before + 2
 
 
 def greedy_up_to_ties(

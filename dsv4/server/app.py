@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
@@ -46,11 +46,13 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 class Server:
     """What the routes share: the engine, its worker, the limits and the counters."""
 
-    def __init__(self, engine, worker: Worker, *, model_name: str, limits: Limits, speculative: bool = False):
+    def __init__(self, engine, worker: Worker, *, model_name: str, limits: Limits, figures: metrics.Metrics,
+                 speculative: bool = False):  # fmt: skip
         self.engine, self.worker, self.model_name, self.limits = engine, worker, model_name, limits
         self.speculative = speculative  # the default for requests that do not say
         self.created = int(time.time())
-        self.requests = metrics.RequestCounts(ROUTES)
+        self.metrics = figures
+        figures.watch(worker, engine)
         self._tokens: Tokens | None = None
 
     @property
@@ -156,11 +158,12 @@ def _add_service_routes(app: FastAPI, srv: Server) -> None:
                 "running": w.running, "waiting": w.waiting}  # fmt: skip
         return JSONResponse(body, status_code=200 if w.alive else 503)
 
-    @app.get("/metrics", response_class=PlainTextResponse)
-    async def prometheus() -> PlainTextResponse:
-        """Prometheus text format: requests, tokens, tokens/s, queue, running, memory, expert cache."""
-        text = await run_in_threadpool(metrics.render, srv.requests, srv.worker, srv.engine)
-        return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+    @app.get("/metrics", response_class=Response)
+    async def prometheus() -> Response:
+        """Prometheus text format: requests, tokens, tokens/s, queue, running, memory, expert cache, and
+        histograms of time to first token, time per output token, request latency and lengths."""
+        text = await run_in_threadpool(srv.metrics.render)
+        return Response(text, media_type=metrics.CONTENT_TYPE_LATEST)
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
@@ -190,9 +193,11 @@ def create_app(engine, *, model_name: str, api_key: str | None = None, max_queue
     limits = Limits(
         context=context, default_max_tokens=default_max_tokens, defaults=dict(sampling_defaults or {})
     )
+    figures = metrics.Metrics(ROUTES)
     worker = Worker(engine, max_running=max_running, max_queue=max_queue, max_step_tokens=max_step_tokens,
-                    prefix_cache=prefix_cache)  # fmt: skip
-    srv = Server(engine, worker, model_name=model_name, limits=limits, speculative=speculative)
+                    prefix_cache=prefix_cache, on_finish=figures.finished)  # fmt: skip
+    srv = Server(engine, worker, model_name=model_name, limits=limits, figures=figures,
+                 speculative=speculative)  # fmt: skip
 
     app = FastAPI(title="dsv4", summary="DeepSeek V4: an OpenAI-compatible API", redoc_url=None)
     app.state.server = srv
@@ -200,5 +205,5 @@ def create_app(engine, *, model_name: str, api_key: str | None = None, max_queue
     _add_api_routes(app, srv)
     _add_service_routes(app, srv)
     app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes)
-    app.add_middleware(metrics.CountRequests, counts=srv.requests)
+    app.add_middleware(metrics.CountRequests, counts=figures.requests)
     return app

@@ -76,8 +76,9 @@ class Worker:
     """Owns the Scheduler and its thread. `submit` and `cancel` are called from the event loop."""
 
     def __init__(self, engine, *, max_running: int = 16, max_queue: int = 64, max_step_tokens: int = 256,
-                 prefix_cache=None):  # fmt: skip
+                 prefix_cache=None, on_finish=None):  # fmt: skip
         self.engine = engine
+        self.on_finish = on_finish  # (sequence, finish reason) of each that ends, on this thread
         self.prefix_cache = prefix_cache
         self._incoming: list[Sequence] = []  # submitted, not yet looked up in the prefix cache
         self._guard = _GuardedEngine(engine)
@@ -219,14 +220,22 @@ class Worker:
         while self._recent and now - self._recent[0][0] > RATE_WINDOW_S:
             self._recent.popleft()
         batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Event]]] = {}
+        ended: list[tuple[Sequence, str]] = []
         with self._cv:
             for ev in events:
                 sink = self._sinks.get(ev.seq_id)
                 if ev.finish_reason is not None:
                     self._sinks.pop(ev.seq_id, None)
-                    self._seqs.pop(ev.seq_id, None)
+                    if (s := self._seqs.pop(ev.seq_id, None)) is not None:
+                        ended.append((s, ev.finish_reason))
                 if sink is not None:  # else cancelled meanwhile
                     batches.setdefault(sink.loop, []).append((sink.queue, ev))
+        if self.on_finish is not None:
+            for s, reason in ended:
+                try:
+                    self.on_finish(s, reason)
+                except Exception:  # a metrics fault never costs a request
+                    log.exception("on_finish failed for sequence %d", s.id)
         for loop, batch in batches.items():  # one wake-up per event loop and step
             try:
                 loop.call_soon_threadsafe(_put_all, batch)
