@@ -287,7 +287,7 @@ def worker_dsv4(spec: dict) -> Run:
     mid, disk = snap(), _read_bytes()
     for _ in events:
         pass
-    end, stats = snap(), eng.last_sequence.result().stats
+    end, stats = snap(), events.result().stats
     run.prefill_tps, run.decode_tps = stats.prefill_tps, stats.decode_tps
     run.peak_rss = peak_rss_bytes()
     # all storage reads in decode: expert misses and prefetches, and page faults on mmap'd weights

@@ -101,7 +101,7 @@ def worker_dsv4(spec: dict) -> dict:
     events = eng.stream(spec["ids"], max_tokens=spec["decode_tokens"], temperature=0.0, ignore_eos=True)
     for _ in events:
         pass
-    stats = eng.last_sequence.result().stats
+    stats = events.result().stats
     state = eng.new_state()
     with torch.inference_mode():
         eng.model(eng.model.make_batch([spec["ids"]], [state]), [state])

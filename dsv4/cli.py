@@ -138,16 +138,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         reused = len(request) - 1
     prefill_seconds = time.perf_counter() - t0
     try:
-        for ev in engine.stream(request, thinking_mode=mode, reasoning_effort=args.reasoning_effort,
-                                speculative=args.speculative, state=state, reused=reused, **_sampling(args)):  # fmt: skip
+        gen = engine.stream(request, thinking_mode=mode, reasoning_effort=args.reasoning_effort,
+                            speculative=args.speculative, state=state, reused=reused, **_sampling(args))  # fmt: skip
+        for ev in gen:
             print(ev.text, end="", flush=True)
     except KeyboardInterrupt:
         print("\n[stopped]", file=sys.stderr)
         return 130
     print()
-    result = engine.last_sequence.result()
+    result = gen.result()
     if cache is not None:
-        seq = engine.last_sequence
+        seq = gen.sequence
         cache.insert((seq.prompt_ids + seq.output)[: seq.state.pos], seq.state)
         cache.flush()
         result.stats.reused_tokens = restored

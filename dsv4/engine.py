@@ -22,6 +22,23 @@ from .sampling import SamplingParams
 Prompt = str | list[int] | list[dict[str, Any]]
 
 
+class Generation:
+    """One prompt's generation, as `Engine.stream` returns it: an iterator of Events; `sequence`
+    is what is being generated (prompt, output, state), `result()` the whole result once it ended."""
+
+    def __init__(self, sequence: Sequence, events: Iterator[Event]):
+        self.sequence, self._events = sequence, events
+
+    def __iter__(self) -> Iterator[Event]:
+        return self
+
+    def __next__(self) -> Event:
+        return next(self._events)
+
+    def result(self) -> Result:
+        return self.sequence.result()
+
+
 class Engine:
     def __init__(self, model: Transformer, checkpoint: Checkpoint | None = None, tokenizer=None):
         self.model = model
@@ -104,8 +121,9 @@ class Engine:
 
     def stream(self, prompt: Prompt, *, speculative: bool | str = False, state: SeqState | None = None, reused: int = 0,
                thinking_mode: str = "chat", reasoning_effort: str | None = None, tools: list[dict] | None = None,
-               **params: Any) -> Iterator[Event]:  # fmt: skip
-        """Generate for one prompt, yielding an Event per token (text deltas safe to show).
+               **params: Any) -> Generation:  # fmt: skip
+        """Generate for one prompt: iterate the returned Generation for an Event per token (text deltas
+        safe to show); its `sequence` (output, state) and `result()` stay with it.
 
         Chat messages are rendered with thinking_mode / reasoning_effort / tools; `params` are
         `SamplingParams` fields. `state` + `reused` continue a cached state (sessions).
@@ -114,7 +132,9 @@ class Engine:
         """
         ids = self.encode(prompt, thinking_mode=thinking_mode, reasoning_effort=reasoning_effort, tools=tools)
         seq = self.sequence(ids, SamplingParams.of(**params), state, reused)
-        self.last_sequence = seq
+        return Generation(seq, self._events(seq, speculative))
+
+    def _events(self, seq: Sequence, speculative: bool | str) -> Iterator[Event]:
         if speculative:
             from .speculative import declined, speculative_events
 
@@ -129,9 +149,10 @@ class Engine:
 
     def complete(self, prompt: Prompt, **kwargs: Any) -> Result:
         """Generate for one prompt; the whole result with its statistics."""
-        for _ in self.stream(prompt, **kwargs):
+        gen = self.stream(prompt, **kwargs)
+        for _ in gen:
             pass
-        return self.last_sequence.result()
+        return gen.result()
 
     def generate(self, token_ids: list[int] | list[list[int]], **params: Any) -> list[int] | list[list[int]]:
         """New token ids for one sequence (or for each of several, decoded together in one batch)."""

@@ -67,11 +67,12 @@ class ChatSession:
             reused, fed = reused + restored, len(ids) - 1
         prefill_seconds = time.perf_counter() - t0
         finished = False
+        gen = self.engine.stream(ids, state=self.state, reused=fed, **params)
         try:
-            yield from self.engine.stream(ids, state=self.state, reused=fed, **params)
+            yield from gen
             finished = True
         finally:
-            seq = self.engine.last_sequence
+            seq = gen.sequence
             # the state holds the first state.pos tokens of prompt + output (a final sampled token, or
             # the end-of-sentence token, was never fed)
             self.cached = (ids + seq.output)[: self.state.pos] if finished else []

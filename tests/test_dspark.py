@@ -53,11 +53,14 @@ def test_accepted_drafts_are_kept_and_the_state_forgets_the_rest(engine, monkeyp
     plain = engine.generate(prompt, max_tokens=24, temperature=0.0, ignore_eos=True)
     draft, rounds = _oracle(engine, prompt, plain, wrong_at=[5, 0, 3, 1, 5, 4, 2])
     monkeypatch.setattr(engine.model, "dspark_draft", draft)
-    r = engine.complete(prompt, max_tokens=24, temperature=0.0, ignore_eos=True, speculative=True)
+    gen = engine.stream(prompt, max_tokens=24, temperature=0.0, ignore_eos=True, speculative=True)
+    for _ in gen:
+        pass
+    r = gen.result()
     assert r.token_ids == plain
     assert sum(rounds[:-1]) <= r.stats.accepted_tokens <= sum(rounds)  # the last round may end it early
     assert r.stats.mean_accepted_length > 2
-    state = engine.last_sequence.state
+    state = gen.sequence.state
     committed = (prompt + r.token_ids)[: state.pos]
     assert state.pos == len(prompt) + len(r.token_ids) - 1  # the last token is sampled, not yet fed
     _, fresh = engine.prefill(committed)

@@ -60,9 +60,10 @@ def test_stop_strings_and_streaming(vocab):
     assert len(text) > 12
     stop = text[8:11]
     cut = text.index(stop)
-    deltas, events = [], list(vocab.stream("Hello", max_tokens=40, temperature=0.0, stop=[stop]))
+    gen = vocab.stream("Hello", max_tokens=40, temperature=0.0, stop=[stop])
+    events = list(gen)
     deltas = [e.text for e in events]
-    r = vocab.last_sequence.result()
+    r = gen.result()
     assert r.finish_reason == "stop" and r.text == text[:cut]
     assert "".join(deltas) == text[:cut]
     assert events[-1].finish_reason == "stop"
