@@ -46,7 +46,8 @@ def dspark_config(**overrides) -> dict:
 
 
 def _block(raw: dict, p: str, ratio: int, hashed: bool) -> dict[str, tuple[tuple[int, ...], str]]:
-    """name -> (shape, kind) of one V4 block; kinds: lin (matmul), bf16, f32, idx."""
+    """name -> (shape, kind) of one V4 block; kinds: lin (matmul), fp4 (routed experts when the config
+    says expert_dtype "fp4"; else bf16), bf16, f32, idx."""
     d, hd, h, q = raw["hidden_size"], raw["head_dim"], raw["num_attention_heads"], raw["q_lora_rank"]
     og, olr, n = raw["o_groups"], raw["o_lora_rank"], raw["hc_mult"]
     e, inter, mix = raw["n_routed_experts"], raw["moe_intermediate_size"], (2 + n) * n
@@ -78,10 +79,11 @@ def _block(raw: dict, p: str, ratio: int, hashed: bool) -> dict[str, tuple[tuple
         t[f"{p}.ffn.gate.tid2eid"] = ((raw["vocab_size"], raw["num_experts_per_tok"]), "idx")
     else:
         t[f"{p}.ffn.gate.bias"] = ((e,), "f32")
+    ek = "fp4" if raw.get("expert_dtype") == "fp4" else "bf16"
     for x in range(e):
-        t[f"{p}.ffn.experts.{x}.w1.weight"] = ((inter, d), "bf16")
-        t[f"{p}.ffn.experts.{x}.w3.weight"] = ((inter, d), "bf16")
-        t[f"{p}.ffn.experts.{x}.w2.weight"] = ((d, inter), "bf16")
+        t[f"{p}.ffn.experts.{x}.w1.weight"] = ((inter, d), ek)
+        t[f"{p}.ffn.experts.{x}.w3.weight"] = ((inter, d), ek)
+        t[f"{p}.ffn.experts.{x}.w2.weight"] = ((d, inter), ek)
     shared = inter * raw["n_shared_experts"]
     t[f"{p}.ffn.shared_experts.w1.weight"] = ((shared, d), "lin")
     t[f"{p}.ffn.shared_experts.w3.weight"] = ((shared, d), "lin")
@@ -143,6 +145,27 @@ def _fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, (exp + 127).to(torch.uint8).view(torch.float8_e8m0fnu)
 
 
+# OCP MX v1.0, E2M1: sign bit, 2 exponent bits (bias 1), 1 mantissa bit; codes 0..7 are these magnitudes
+E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+
+
+def _mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """MXFP4 as the release stores experts: blocks of 32 inputs share an e8m0 scale 2^(ceil(log2(amax/6)))
+    (so every scaled value fits in E2M1's +-6), each value is its nearest E2M1 code, two codes per byte
+    with the even input in the low nibble. Returns (int8 [out, in/2], e8m0 [out, in/32], decoded fp32)."""
+    rows, cols = w.shape
+    blocks = w.reshape(rows, cols // 32, 32)
+    exp = torch.ceil(torch.log2(blocks.abs().amax(dim=2).clamp(min=1e-30) / 6.0))
+    scaled = blocks / torch.exp2(exp)[..., None]
+    table = torch.tensor(E2M1)
+    mag = (scaled.abs()[..., None] - table).abs().argmin(dim=-1)  # nearest magnitude code 0..7
+    codes = (mag | ((scaled < 0).long() << 3)).reshape(rows, cols)
+    packed = (codes[:, 0::2] | (codes[:, 1::2] << 4)).to(torch.uint8).view(torch.int8)
+    values = table[mag] * torch.where(scaled < 0, -1.0, 1.0)
+    decoded = (values * torch.exp2(exp)[..., None]).reshape(rows, cols)
+    return packed, (exp + 127).to(torch.uint8).view(torch.float8_e8m0fnu), decoded
+
+
 def write_release(path: Path, raw: dict, draft: str | None = "dspark", stages: int = 3, seed: int = 0,
                   edit=None) -> dict[str, torch.Tensor]:  # fmt: skip
     """Write config.json, two shards and the index; return the tensors as stored, in fp32.
@@ -156,6 +179,9 @@ def write_release(path: Path, raw: dict, draft: str | None = "dspark", stages: i
             q, s = _fp8(w)
             stored[name], stored[name[: -len("weight")] + "scale"] = q, s
             seen[name] = q.float() * torch.exp2(s.view(torch.uint8).float() - 127).repeat_interleave(128, 0).repeat_interleave(128, 1)[: shape[0], : shape[1]]  # fmt: skip
+        elif kind == "fp4":
+            q, sc, seen[name] = _mxfp4(w)
+            stored[name], stored[name[: -len("weight")] + "scale"] = q, sc
         elif kind == "bf16":
             stored[name] = w.to(torch.bfloat16)
             seen[name] = stored[name].float()

@@ -173,3 +173,16 @@ def test_shipped_encoder_decides_the_chat_format(tmp_path):
     assert m.chat_format == "0731"
     with pytest.raises(ValueError, match="chat format 'v9'"):
         m.chat_format = "v9"
+
+
+def test_preview_with_mxfp4_experts_matches_transformers(tmp_path):
+    """The preview layout (MTP layer) with MXFP4 routed experts, written by a writer sharing no code with
+    dsv4 (its own E2M1 table, e8m0 scale rule and nibble order, from the OCP MX spec): dsv4's logits are
+    transformers' on the values the writer says it stored."""
+    raw = {k: v for k, v in dspark_config().items() if not k.startswith("dspark_")}
+    raw["compress_ratios"] = raw["compress_ratios"][: raw["num_hidden_layers"] + 1]
+    tensors = write_release(tmp_path, raw, draft="mtp", seed=3)
+    assert Checkpoint(tmp_path).entries["layers.1.ffn.experts.0.w1.weight"].dtype == torch.int8
+    ids = token_ids(150, raw["vocab_size"], seed=6)
+    err = rel_err(dsv4.load(tmp_path, dtype=torch.float32).logits(ids), hf_logits(hf_model(raw, tensors), ids))
+    assert err.max() <= 1e-4, f"max rel err {err.max():.2e}"
