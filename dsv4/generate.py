@@ -273,10 +273,7 @@ class Scheduler:
         blocks = self._draft(plan, room)
         feeds = [fed + blocks[s.id][0] if s.id in blocks else fed for s, fed in plan]
         states = [s.state for s, _ in plan]
-        if blocks:
-            logits = self.engine.step(feeds, states, [s.id in blocks for s, _ in plan])
-        else:
-            logits = self.engine.step(feeds, states)
+        logits = self.engine.step(feeds, states, [s.id in blocks for s, _ in plan])
         events = []
         for (s, fed), lg in zip(plan, logits, strict=True):
             s.pending = s.pending[len(fed) :]

@@ -138,8 +138,8 @@ def _build_dir(isa: str) -> Path:
         h.update(path.read_bytes())
     h.update(" ".join(_CFLAGS + ISA_FLAGS[isa] + _LDFLAGS).encode())
     h.update(torch.__version__.encode())
-    # the folder's build.ninja names the source path: two checkouts sharing one folder rebuild each
-    # other's build on every load (and a build killed halfway leaves a lock the next load waits on)
+    # the folder's build.ninja names the source path: two checkouts sharing one folder would rebuild
+    # each other's build on every load
     h.update(str(_SOURCE).encode())
     h.update(" ".join(sorted(_cpu_flags())).encode())
     return Path.home() / ".cache" / "dsv4" / "kernels" / f"{isa}-{h.hexdigest()[:16]}"
