@@ -1,16 +1,19 @@
 """A chat that continues from the cached state of its earlier turns.
 
-The session keeps the exact token ids its state holds. A new turn renders the whole conversation in
-the V4 chat format; when the cached ids are a prefix of that rendering (chat mode, and thinking mode
-while earlier reasoning stays in the prompt), only the new suffix is fed. When the rendering drops
-text the state already holds (the release drops earlier reasoning once a new user turn starts), the
-session starts a fresh state rather than answer from a different prompt. Either way the reply is
-what a from-scratch run on the rendered prompt gives. With a `PrefixCache` (`dsv4 chat --prompt-cache`)
-each turn's prompt is prefilled through the cache (snapshots at its boundaries and at the prompt's end,
-which is what thinking mode's next turn can reuse) and its final state is kept there too; a prompt the
-session's own state cannot continue (a resumed conversation, thinking mode, after /think or /reset)
-starts from the longest prefix the cache holds. `last_result.stats.reused_tokens` counts the prompt
-tokens not prefilled by this turn.
+The session keeps the exact token ids its state holds, and a snapshot (`SeqState.snapshot`) of the
+state at the end of its last prompt (all but the prompt's last token). A new turn renders the whole
+conversation in the V4 chat format and continues from the longest prefix of that rendering it can
+reach: its state rolled back to where the ids diverge (when that is within the state's rollback room),
+else the prompt snapshot when the rendering still starts with that prompt (the previous reply rendered
+differently than it was sampled, or thinking mode dropped its reasoning and re-rendered `<think>`),
+else a fresh state. Only the rest is fed, so the reply is what a from-scratch run on the rendered
+prompt gives. The snapshot costs one copy of the state per turn (`SeqState.nbytes`).
+
+With a `PrefixCache` (`dsv4 chat --prompt-cache`) the cache keeps the prompt snapshots instead: each
+turn's prompt is prefilled through it (snapshots at its boundaries and at the prompt's end) and its
+final state is kept there too; a prompt the session's own state cannot continue (a resumed
+conversation, after /think or /reset, a diverged reply) starts from the longest prefix the cache
+holds. `last_result.stats.reused_tokens` counts the prompt tokens not prefilled by this turn.
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ from typing import Any
 
 from .generate import Event, Result
 from .prefix_cache import prefill
+from .state import SeqState
+
+PREFILL_CHUNK = 512  # tokens fed per step when a turn's prompt is prefilled before generating
 
 
 class ChatSession:
@@ -39,11 +45,30 @@ class ChatSession:
     def reset_state(self) -> None:
         self.state = self.engine.new_state()
         self.cached: list[int] = []  # token ids the state holds
+        self.mark: SeqState | None = None  # snapshot at the end of the last prompt (without a prefix cache)
+        self.mark_ids: list[int] = []  # the token ids it holds
 
     def reset(self) -> None:
         """Forget the conversation (keeps the system message)."""
         self.messages = [m for m in self.messages if m["role"] == "system"]
         self.reset_state()
+
+    def _resume(self, ids: list[int]) -> int:
+        """Make `self.state` hold the longest prefix of ids[:-1] it can reach; return its length."""
+        want = ids[:-1]  # the last prompt token is fed by the generator, so it has logits
+        n = common_prefix(self.cached, want)
+        if n and self.state.pos - n <= self.state.room:
+            self.state.rollback(self.state.pos - n)
+            self.cached = self.cached[:n]
+            return n
+        n = common_prefix(self.mark_ids, want)
+        if self.mark is not None and n and self.mark.pos - n <= self.mark.room:
+            self.state.restore(self.mark)
+            self.state.rollback(self.mark.pos - n)
+            self.cached = self.mark_ids[:n]
+            return n
+        self.state, self.cached = self.engine.new_state(), []
+        return 0
 
     def send(self, content: str, **params: Any) -> Iterator[Event]:
         """Add a user turn and stream the assistant's reply; the reply joins the history when done."""
@@ -52,22 +77,22 @@ class ChatSession:
         self.messages.append({"role": "user", "content": content})
         ids = self.engine.encode(self.messages, thinking_mode=self.thinking_mode,
                                  reasoning_effort=self.reasoning_effort, tools=self.tools)  # fmt: skip
-        if self.cached and ids[: len(self.cached)] == self.cached and len(ids) > len(self.cached):
-            reused = len(self.cached)
-        else:
-            self.reset_state()
-            reused = 0
-        fed, t0 = reused, time.perf_counter()
+        reused = self._resume(ids)
+        t0 = time.perf_counter()
         if self.prefix_cache is not None:
             # snapshots at the cache's boundaries and at the end of the prompt: thinking mode's next turn
             # renders this prompt's last token differently, so only a snapshot here serves it
             self.state, restored = prefill(
                 self.engine, self.prefix_cache, ids, self.state if reused else None
             )
-            reused, fed = reused + restored, len(ids) - 1
+            reused += restored
+        else:
+            if reused < len(ids) - 1:
+                self.engine.prefill(ids[reused:-1], self.state, chunk=PREFILL_CHUNK)
+            self.mark, self.mark_ids = self.state.snapshot(), ids[:-1]
         prefill_seconds = time.perf_counter() - t0
         finished = False
-        gen = self.engine.stream(ids, state=self.state, reused=fed, **params)
+        gen = self.engine.stream(ids, state=self.state, reused=len(ids) - 1, **params)
         try:
             yield from gen
             finished = True
@@ -77,7 +102,7 @@ class ChatSession:
             # the end-of-sentence token, was never fed)
             self.cached = (ids + seq.output)[: self.state.pos] if finished else []
             if not self.cached:
-                self.reset_state()
+                self.state = self.engine.new_state()  # the prompt snapshot stays good
             elif self.prefix_cache is not None:
                 self.prefix_cache.insert(self.cached, self.state)
             self.last_result: Result = seq.result()
@@ -108,3 +133,13 @@ class ChatSession:
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps({"thinking_mode": self.thinking_mode, "messages": self.messages}, indent=1,
                                          ensure_ascii=False))  # fmt: skip
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading ids a and b share."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n

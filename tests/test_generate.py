@@ -79,16 +79,53 @@ def test_logprobs_match_the_model(flash):
     assert [t for t, _ in second.top] == lp.topk(3).indices.tolist()
 
 
-def test_session_continues_from_cache(vocab):
+def _fed_tokens(engine, monkeypatch) -> list[int]:
+    """Counts the tokens every engine.step call feeds (appended to the returned list)."""
+    fed, step = [], engine.step
+
+    def counting(seqs, states, *args, **kwargs):
+        fed.append(sum(map(len, seqs)))
+        return step(seqs, states, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "step", counting)
+    return fed
+
+
+def test_session_continues_from_cache(vocab, monkeypatch):
     session = ChatSession(vocab, system="You are terse.")
     list(session.send("Hi there", max_tokens=6, temperature=0.0))
+    first = vocab.encode(session.messages[:2])  # the first turn's prompt
+    fed = _fed_tokens(vocab, monkeypatch)
     list(session.send("And again?", max_tokens=6, temperature=0.0))
     second = session.last_result
-    assert second.stats.reused_tokens > 0  # the first turn was not recomputed
+    prompt = vocab.encode(session.messages[:-1])
+    # the first turn was not recomputed: at least its prompt (but the last token) came from the state,
+    # and only the rest of the prompt and the decoded tokens (all but the last) were fed
+    assert second.stats.reused_tokens >= len(first) - 1
+    assert sum(fed) == len(prompt) - second.stats.reused_tokens + len(second.token_ids) - 1
     # from scratch: the same conversation rendered and generated in a fresh state
-    history = session.messages[:-1]
-    fresh = vocab.complete(history, max_tokens=6, temperature=0.0)
+    fresh = vocab.complete(session.messages[:-1], max_tokens=6, temperature=0.0)
     assert fresh.token_ids == second.token_ids
+
+
+@pytest.mark.parametrize("max_tokens", [6, 12])
+def test_session_reuses_up_to_where_the_rendering_diverges(vocab, max_tokens):
+    """A history whose last reply renders to other ids than the state holds (here: edited) reuses the
+    state up to the divergence: rolled back when that is within its rollback room (6 tokens generated),
+    else from the snapshot at the end of the previous prompt (12)."""
+    session = ChatSession(vocab)
+    list(session.send("Hi there", max_tokens=max_tokens, temperature=0.0))
+    first = vocab.encode(session.messages[:1])
+    assert session.state.pos == len(first) + max_tokens - 1
+    session.messages[-1]["content"] = "Something else entirely."
+    list(session.send("And again?", max_tokens=4, temperature=0.0))
+    prompt = vocab.encode(session.messages[:-1])
+    common = next(i for i, (a, b) in enumerate(zip(first + [-1], prompt, strict=False)) if a != b)
+    assert common >= len(first) - 1  # the reply's first token at the latest
+    within_room = len(first) + max_tokens - 1 - common <= session.state.max_rollback
+    assert session.last_result.stats.reused_tokens == (common if within_room else len(first) - 1)
+    fresh = vocab.complete(session.messages[:-1], max_tokens=4, temperature=0.0)
+    assert fresh.token_ids == session.last_result.token_ids
 
 
 def test_mtp_greedy_equals_plain_greedy(flash):

@@ -285,8 +285,9 @@ def test_run_reuses_a_long_shared_prefix_across_invocations(tiny_ckpt, tmp_path)
 
 
 def test_chat_session_in_thinking_mode_reuses_the_previous_prompt(tiny_ckpt):
-    """Thinking mode renders the previous turn without its reasoning: the snapshot the session kept at the
-    end of the previous prompt serves all of it but its last token (`<think>`, now `</think>`)."""
+    """Thinking mode renders the previous turn without its reasoning: the snapshot kept at the end of the
+    previous prompt (by the cache, or by the session without one) serves all of it but its last token
+    (`<think>`, now `</think>`)."""
     from dsv4.session import ChatSession
 
     engine = dsv4.load(tiny_ckpt("vocab").path, dtype=torch.float32)
@@ -300,10 +301,10 @@ def test_chat_session_in_thinking_mode_reuses_the_previous_prompt(tiny_ckpt):
 
     plain, cached = talk(None), talk(for_engine(engine, ram="64M"))
     assert [m for m, _ in cached] == [m for m, _ in plain]  # the same replies
-    assert [st.reused_tokens for _, st in plain] == [0, 0, 0]  # without the cache: every prompt from scratch
-    assert cached[0][1].reused_tokens == 0
-    for (_, before), (_, st) in zip(cached, cached[1:], strict=False):
-        assert st.reused_tokens == before.prompt_tokens - 1
+    for turns in (plain, cached):  # without a cache the session keeps that snapshot itself
+        assert turns[0][1].reused_tokens == 0
+        for (_, before), (_, st) in zip(turns, turns[1:], strict=False):
+            assert st.reused_tokens == before.prompt_tokens - 1
 
 
 def test_chat_resumes_a_saved_conversation_without_prefilling_it_again(tiny_ckpt, tmp_path):
