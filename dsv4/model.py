@@ -286,6 +286,13 @@ class Indexer(nn.Module):
 
     def top(self, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """One query that sees every entry: the indices [k] of its top-k (earliest first among ties)."""
+        ext = kernels.fused(q, w, keys)
+        if ext is not None:
+            return ext.index_top(q, w, keys, self.topk)
+        return self.top_torch(q, w, keys)
+
+    def top_torch(self, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """The reference `top`."""
         return self.scores(q, w, keys)[0].sort(descending=True, stable=True).indices[: self.topk]
 
     def select(self, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor):
@@ -373,13 +380,13 @@ class Attention(nn.Module):
     def _attend(self, q, kv, positions, pos0: int, st: LayerState, entries, sel, block: int = 128) -> torch.Tensor:
         """One sequence: q [S, H, hd], new kv [S, hd] at positions pos0..; stages the window's update."""
         first = max(pos0 - st.span, 0)
-        keys = torch.cat([st.window.read(first, pos0), kv])  # positions first ... pos0 + S - 1
         st.stage(partial(st.window.write, pos0, kv))
         if q.shape[0] == 1:  # decode: the one query sees every key of the window and every entry
+            keys = [st.window.read(first, pos0), kv]
             if entries is not None and entries.shape[0]:
-                picked = entries if sel is None else entries[self.indexer.top(*sel)]
-                keys = torch.cat([keys, picked])
-            return ops.sink_attention(q, keys, None, self.attn_sink, self.hd**-0.5)
+                keys.append(entries if sel is None else entries[self.indexer.top(*sel)])
+            return ops.decode_attention(q, keys, self.attn_sink, self.hd**-0.5)
+        keys = torch.cat([st.window.read(first, pos0), kv])  # positions first ... pos0 + S - 1
         out = []
         for i in range(0, q.shape[0], block):  # query blocks bound the score matrix to block x (block+window)
             pos = positions[i : i + block]
@@ -505,7 +512,7 @@ class MoE(nn.Module):
                 w1, w2, w3 = got[e]
                 if one:
                     k = slot_of[e]
-                    y = y + ops.expert_mlp(x, w1, w2, w3, self.limit, weights[:, k : k + 1]).float()
+                    y = ops.expert_mlp(x, w1, w2, w3, self.limit, weights[:, k : k + 1], acc=y)
                     continue
                 rows, slot = torch.where(ids == e)
                 out = ops.expert_mlp(x[rows], w1, w2, w3, self.limit, weights[rows, slot, None])
