@@ -215,7 +215,8 @@ class Compressor(nn.Module):
     def project(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x [T, D] -> rows [T, 2C] = [kv | gate + ape] in fp32 (the official code compresses in fp32)."""
         xf = x.float()
-        return torch.cat([F.linear(xf, self.wkv), F.linear(xf, self.wgate) + self.ape[positions % self.ratio]], -1)
+        kv, gate = ops.linear(xf, Dense(self.wkv)), ops.linear(xf, Dense(self.wgate))
+        return torch.cat([kv, gate + self.ape[positions % self.ratio]], -1)
 
     def update(self, st: CompressorState, rows: torch.Tensor, pos: int, rope: Rope, layer: LayerState) -> torch.Tensor:
         """One sequence's new rows [S, 2C] at positions pos.. : emit an entry per window they close and
@@ -275,7 +276,7 @@ class Indexer(nn.Module):
         q = ops.rope(self.wq_b(qr).unflatten(-1, (self.n_heads, self.hd)), *cos_sin)
         if self.numerics.released:
             q = _round_indexer(q)
-        w = F.linear(x, self.weights_proj).float() * (self.hd**-0.5 * self.n_heads**-0.5)
+        w = ops.linear(x, Dense(self.weights_proj)).float() * (self.hd**-0.5 * self.n_heads**-0.5)
         return q, w
 
     @staticmethod
@@ -460,7 +461,7 @@ class MoE(nn.Module):
 
     def route(self, x: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Router weights [T, K] (fp32) and expert ids [T, K]."""
-        logits = F.linear(x.float(), self.gate)
+        logits = ops.linear(x.float(), Dense(self.gate))
         ext = kernels.fused(logits)
         if ext is not None:
             hashed = self.tid2eid[tokens] if self.tid2eid is not None else None

@@ -19,16 +19,16 @@ import torch.nn.functional as F
 from . import kernels
 from .quant import MXFP4, Dense, FP8Block, Weight
 
-_GEMV_ROWS = 4  # up to this many rows of bf16 x, a Dense bf16 weight takes the kernels' GEMV
+_GEMV_ROWS = 4  # up to this many rows of x (decode), the kernels' GEMVs and fused decode ops take a call
 
 
 def linear(x: torch.Tensor, w: Weight) -> torch.Tensor:
     """y = x @ W^T for any weight format; returns x's dtype (quantized formats accumulate in fp32)."""
     if isinstance(w, Dense):
-        if x.dtype == torch.bfloat16 == w.weight.dtype and x.dim() == 2 and x.shape[0] <= _GEMV_ROWS:
+        if x.dtype == w.weight.dtype and x.dim() == 2 and x.shape[0] <= _GEMV_ROWS:
             ext = kernels.fused(x, w.weight)
-            if ext is not None:  # decode: stream the matrix once (torch's bf16 GEMV is far slower)
-                return ext.bf16_linear(x, w.weight)
+            if ext is not None:  # decode: stream the matrix once (torch's GEMVs are far slower)
+                return ext.dense_linear(x, w.weight)
         return F.linear(x, w.weight if w.weight.dtype == x.dtype else w.weight.to(x.dtype))
     if isinstance(w, MXFP4):
         return kernels.mxfp4_linear(x, w.weight, w.scale)
@@ -44,6 +44,9 @@ def grouped_linear(x: torch.Tensor, w: Weight, groups: int) -> torch.Tensor:
         return torch.einsum("tgi,goi->tgo", x, wg)
     rows = w.shape[0] // groups
     if isinstance(w, FP8Block) and rows % 128 == 0:  # slice whole scale blocks: no dequantization
+        ext = kernels.fused(x) if x.shape[0] <= _GEMV_ROWS else None
+        if ext is not None:  # decode: the same per-group products in one call
+            return ext.grouped_linear(x, *_parts(w), groups)
         step = rows // 128
         parts = [
             linear(x[:, g], FP8Block(w.weight[g * rows : (g + 1) * rows], w.scale[g * step : (g + 1) * step]))

@@ -131,12 +131,29 @@ def test_model_matches_reference_path(tiny_ckpt, monkeypatch):
 
 
 @needs_compiled
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", [1, 3, 9])  # 9: past the GEMV's rows, F.linear takes it
-def test_bf16_gemv(rows):
+def test_dense_gemv(dtype, rows):
     from dsv4.quant import Dense
 
-    x, w = rand(rows, 200, dtype=torch.bfloat16), rand(1000, 200, dtype=torch.bfloat16, seed=7)
+    x, w = rand(rows, 200, dtype=dtype), rand(1000, 200, dtype=dtype, seed=7)
     agree(ops.linear(x, Dense(w)), torch.nn.functional.linear(x, w))
+
+
+@needs_compiled
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 3])
+def test_grouped_linear(dtype, rows, monkeypatch):
+    from dsv4.quant import FP8Block, quantize_fp8_block
+
+    w = FP8Block(*quantize_fp8_block(rand(4 * 128, 96, seed=1)))
+    x = rand(rows, 4, 96, dtype=dtype, seed=2)
+    y = ops.grouped_linear(x, w, 4)
+    monkeypatch.setattr(kernels, "fused", lambda *t: None)  # the per-group products, one call each
+    agree(y, ops.grouped_linear(x, w, 4))
+    # and what the groups mean: group g is x[:, g] through rows g*128 .. of the dequantized weight
+    ref = torch.einsum("tgi,goi->tgo", x.float(), w.dequantize().view(4, 128, 96)).to(dtype)
+    agree(y, ref)
 
 
 @needs_compiled

@@ -289,7 +289,7 @@ std::vector<torch::Tensor> route(const torch::Tensor& logits_in, const c10::opti
   return {weights, ids};
 }
 
-// ---- bf16 matrix-vector ----
+// ---- dense matrix-vector ----
 
 inline float bf16_bits(uint16_t b) {
   const uint32_t u = static_cast<uint32_t>(b) << 16;
@@ -298,40 +298,54 @@ inline float bf16_bits(uint16_t b) {
   return f;
 }
 
-// x [M, in] bf16 (a few rows: decode), w [out, in] bf16 -> x @ w.T [M, out] bf16, fp32 sums: what
-// F.linear computes, streaming w once at memory speed (torch's bf16 GEMV reached ~1-2 GB/s here
-// on the vocabulary head, the largest single read of a decode step on small models).
-torch::Tensor bf16_linear(const torch::Tensor& x_in, const torch::Tensor& w_in) {
-  TORCH_CHECK(x_in.scalar_type() == torch::kBFloat16 && w_in.scalar_type() == torch::kBFloat16 && x_in.dim() == 2 &&
-                  w_in.dim() == 2 && x_in.size(1) == w_in.size(1) && x_in.device().is_cpu() && w_in.device().is_cpu(),
-              "bf16_linear: x [M, in] and w [out, in], bfloat16 on the CPU; got ", x_in.sizes(), " and ", w_in.sizes());
-  const auto xf = x_in.to(torch::kFloat).contiguous();
-  const auto w = w_in.contiguous();
-  const int64_t M = xf.size(0), in = xf.size(1), out = w.size(0);
-  auto y = torch::empty({M, out}, x_in.options());
-  const float* X = xf.data_ptr<float>();
-  const auto* W = reinterpret_cast<const uint16_t*>(w.data_ptr());
-  auto* Y = y.data_ptr<at::BFloat16>();
-  at::parallel_for(0, out, std::max<int64_t>(1, kMinThreadBytes / std::max<int64_t>(1, 2 * in)), [&](int64_t r0, int64_t r1) {
+// x [M, in], w [out, in], both bf16 or both fp32 (a few rows: decode) -> x @ w.T [M, out] in their
+// dtype, fp32 sums: what F.linear computes, streaming w once at memory speed (torch's bf16 GEMV
+// reached ~1-2 GB/s here on the vocabulary head, the largest single read of a decode step on small
+// models; its fp32 GEMV costs ~10 us of overhead on the small fp32 matrices of the router and the
+// compressors).
+inline float wval(const float* p, int64_t i) { return p[i]; }
+inline float wval(const uint16_t* p, int64_t i) { return bf16_bits(p[i]); }
+
+// Y [M, out] (float or at::BFloat16) = X [M, in] fp32 @ W.T, W float or bf16 bits.
+template <typename W, typename Y>
+void gemv_rows(const float* X, const W* Wd, int64_t M, int64_t in, int64_t out, Y* Yd) {
+  at::parallel_for(0, out, std::max<int64_t>(1, kMinThreadBytes / std::max<int64_t>(1, int64_t(sizeof(W)) * in)),
+                   [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      const uint16_t* wr = W + r * in;
+      const W* wr = Wd + r * in;
       prefetch(reinterpret_cast<const uint8_t*>(wr) + kPrefetch);
       for (int64_t m = 0; m < M; ++m) {
         const float* xm = X + m * in;
         float acc[16] = {0};
         int64_t i = 0;
         for (; i + 16 <= in; i += 16)
-          for (int l = 0; l < 16; ++l) acc[l] += bf16_bits(wr[i + l]) * xm[i + l];
+          for (int l = 0; l < 16; ++l) acc[l] += wval(wr, i + l) * xm[i + l];
         float s = 0;
-        for (; i < in; ++i) s += bf16_bits(wr[i]) * xm[i];
+        for (; i < in; ++i) s += wval(wr, i) * xm[i];
         for (int l = 0; l < 16; ++l) s += acc[l];
-        Y[m * out + r] = static_cast<at::BFloat16>(s);
+        Yd[m * out + r] = static_cast<Y>(s);
       }
     }
   });
-  return y;
 }
 
+torch::Tensor dense_linear(const torch::Tensor& x_in, const torch::Tensor& w_in) {
+  const auto st = x_in.scalar_type();
+  TORCH_CHECK((st == torch::kBFloat16 || st == torch::kFloat) && w_in.scalar_type() == st && x_in.dim() == 2 &&
+                  w_in.dim() == 2 && x_in.size(1) == w_in.size(1) && x_in.device().is_cpu() && w_in.device().is_cpu(),
+              "dense_linear: x [M, in] and w [out, in], both bfloat16 or both float32 on the CPU; got ", x_in.sizes(),
+              " ", x_in.scalar_type(), " and ", w_in.sizes(), " ", w_in.scalar_type());
+  const auto xf = x_in.to(torch::kFloat).contiguous();
+  const auto w = w_in.contiguous();
+  const int64_t M = xf.size(0), in = xf.size(1), out = w.size(0);
+  auto y = torch::empty({M, out}, x_in.options());
+  if (st == torch::kFloat)
+    gemv_rows(xf.data_ptr<float>(), w.data_ptr<float>(), M, in, out, y.data_ptr<float>());
+  else
+    gemv_rows(xf.data_ptr<float>(), reinterpret_cast<const uint16_t*>(w.data_ptr()), M, in, out,
+              y.data_ptr<at::BFloat16>());
+  return y;
+}
 
 // ---- one decode token: attention, the indexer's pick, an expert ----
 // The batch-1 step's remaining small work, each a dozen-plus ATen ops in the reference.
@@ -437,8 +451,28 @@ inline torch::Tensor linear_any(const torch::Tensor& x, int64_t kind, const torc
   if (kind == 1) return ::fp8_linear(x, w, s, kDecode, false);
   if (kind == 2) return ::mxfp4_linear(x, w, s, kDecode, false);
   TORCH_CHECK(kind == 0, "expert_mlp: weight kind 0 (dense), 1 (FP8) or 2 (MXFP4), got ", kind);
-  if (x.scalar_type() == torch::kBFloat16 && w.scalar_type() == torch::kBFloat16) return bf16_linear(x, w);
+  if (x.scalar_type() == torch::kBFloat16 && w.scalar_type() == torch::kBFloat16) return dense_linear(x, w);
   return at::linear(x, w.to(x.scalar_type()));
+}
+
+// Block-diagonal projection for a few rows (ops.grouped_linear): x [M, G, in], W [G*rows, in] ->
+// [M, G, rows], group g multiplying x[:, g] by weight rows g*rows ... (an FP8 weight's groups must
+// be whole 128-row scale blocks).
+torch::Tensor grouped_linear(const torch::Tensor& x, int64_t kind, const torch::Tensor& w, const torch::Tensor& s,
+                             int64_t groups) {
+  check_float(x, "grouped_linear x");
+  TORCH_CHECK(x.dim() == 3 && x.size(1) == groups && groups > 0 && w.size(0) % groups == 0,
+              "grouped_linear: x [M, ", groups, ", in] and weight rows divisible by ", groups, "; got ", x.sizes(),
+              " and ", w.sizes());
+  const int64_t rows = w.size(0) / groups;
+  TORCH_CHECK(kind != 1 || rows % 128 == 0, "grouped_linear: FP8 groups of whole 128-row blocks, got ", rows);
+  std::vector<torch::Tensor> parts;
+  for (int64_t g = 0; g < groups; ++g) {
+    const auto wg = w.narrow(0, g * rows, rows);
+    const auto sg = kind == 1 ? s.narrow(0, g * rows / 128, rows / 128) : kind == 2 ? s.narrow(0, g * rows, rows) : wg;
+    parts.push_back(linear_any(x.select(1, g), kind, wg, sg));
+  }
+  return at::stack(parts, 1);
 }
 
 // One SwiGLU expert for a few rows of x [M, D] (ops.expert_mlp): h = silu(min(w1 x, limit)) *
