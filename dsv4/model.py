@@ -215,7 +215,8 @@ class Compressor(nn.Module):
     def project(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x [T, D] -> rows [T, 2C] = [kv | gate + ape] in fp32 (the official code compresses in fp32)."""
         xf = x.float()
-        return torch.cat([F.linear(xf, self.wkv), F.linear(xf, self.wgate) + self.ape[positions % self.ratio]], -1)
+        kv, gate = ops.linear(xf, Dense(self.wkv)), ops.linear(xf, Dense(self.wgate))
+        return torch.cat([kv, gate + self.ape[positions % self.ratio]], -1)
 
     def update(self, st: CompressorState, rows: torch.Tensor, pos: int, rope: Rope, layer: LayerState) -> torch.Tensor:
         """One sequence's new rows [S, 2C] at positions pos.. : emit an entry per window they close and
@@ -275,7 +276,7 @@ class Indexer(nn.Module):
         q = ops.rope(self.wq_b(qr).unflatten(-1, (self.n_heads, self.hd)), *cos_sin)
         if self.numerics.released:
             q = _round_indexer(q)
-        w = F.linear(x, self.weights_proj).float() * (self.hd**-0.5 * self.n_heads**-0.5)
+        w = ops.linear(x, Dense(self.weights_proj)).float() * (self.hd**-0.5 * self.n_heads**-0.5)
         return q, w
 
     @staticmethod
@@ -286,6 +287,13 @@ class Indexer(nn.Module):
 
     def top(self, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """One query that sees every entry: the indices [k] of its top-k (earliest first among ties)."""
+        ext = kernels.fused(q, w, keys)
+        if ext is not None:
+            return ext.index_top(q, w, keys, self.topk)
+        return self.top_torch(q, w, keys)
+
+    def top_torch(self, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """The reference `top`."""
         return self.scores(q, w, keys)[0].sort(descending=True, stable=True).indices[: self.topk]
 
     def select(self, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor):
@@ -373,13 +381,13 @@ class Attention(nn.Module):
     def _attend(self, q, kv, positions, pos0: int, st: LayerState, entries, sel, block: int = 128) -> torch.Tensor:
         """One sequence: q [S, H, hd], new kv [S, hd] at positions pos0..; stages the window's update."""
         first = max(pos0 - st.span, 0)
-        keys = torch.cat([st.window.read(first, pos0), kv])  # positions first ... pos0 + S - 1
         st.stage(partial(st.window.write, pos0, kv))
         if q.shape[0] == 1:  # decode: the one query sees every key of the window and every entry
+            keys = [st.window.read(first, pos0), kv]
             if entries is not None and entries.shape[0]:
-                picked = entries if sel is None else entries[self.indexer.top(*sel)]
-                keys = torch.cat([keys, picked])
-            return ops.sink_attention(q, keys, None, self.attn_sink, self.hd**-0.5)
+                keys.append(entries if sel is None else entries[self.indexer.top(*sel)])
+            return ops.decode_attention(q, keys, self.attn_sink, self.hd**-0.5)
+        keys = torch.cat([st.window.read(first, pos0), kv])  # positions first ... pos0 + S - 1
         out = []
         for i in range(0, q.shape[0], block):  # query blocks bound the score matrix to block x (block+window)
             pos = positions[i : i + block]
@@ -453,7 +461,7 @@ class MoE(nn.Module):
 
     def route(self, x: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Router weights [T, K] (fp32) and expert ids [T, K]."""
-        logits = F.linear(x.float(), self.gate)
+        logits = ops.linear(x.float(), Dense(self.gate))
         ext = kernels.fused(logits)
         if ext is not None:
             hashed = self.tid2eid[tokens] if self.tid2eid is not None else None
@@ -505,7 +513,7 @@ class MoE(nn.Module):
                 w1, w2, w3 = got[e]
                 if one:
                     k = slot_of[e]
-                    y = y + ops.expert_mlp(x, w1, w2, w3, self.limit, weights[:, k : k + 1]).float()
+                    y = ops.expert_mlp(x, w1, w2, w3, self.limit, weights[:, k : k + 1], acc=y)
                     continue
                 rows, slot = torch.where(ids == e)
                 out = ops.expert_mlp(x[rows], w1, w2, w3, self.limit, weights[rows, slot, None])

@@ -5,7 +5,8 @@ quantized formats go to `dsv4.kernels`, which takes its compiled CPU kernels whe
 otherwise its plain-torch reference (dequantize in fp32, then matmul): one reference path for both.
 RMSNorm and interleaved RoPE take the kernels' fused op where it applies (one call instead of a
 dozen tiny ATen ops: the batch-1 step is dominated by such dispatch), their `*_torch` reference
-otherwise; the clamped SwiGLU and attention with a sink stay plain torch.
+otherwise. A decode step's expert MLP and attention take fused ops too (`expert_mlp`,
+`decode_attention`); the `*_torch` / `sink_attention` references are the other paths.
 
 It knows nothing of layers, checkpoints or sequences.
 """
@@ -18,16 +19,16 @@ import torch.nn.functional as F
 from . import kernels
 from .quant import MXFP4, Dense, FP8Block, Weight
 
-_GEMV_ROWS = 4  # up to this many rows of bf16 x, a Dense bf16 weight takes the kernels' GEMV
+_GEMV_ROWS = 4  # up to this many rows of x (decode), the kernels' GEMVs and fused decode ops take a call
 
 
 def linear(x: torch.Tensor, w: Weight) -> torch.Tensor:
     """y = x @ W^T for any weight format; returns x's dtype (quantized formats accumulate in fp32)."""
     if isinstance(w, Dense):
-        if x.dtype == torch.bfloat16 == w.weight.dtype and x.dim() == 2 and x.shape[0] <= _GEMV_ROWS:
+        if x.dtype == w.weight.dtype and x.dim() == 2 and x.shape[0] <= _GEMV_ROWS:
             ext = kernels.fused(x, w.weight)
-            if ext is not None:  # decode: stream the matrix once (torch's bf16 GEMV is far slower)
-                return ext.bf16_linear(x, w.weight)
+            if ext is not None:  # decode: stream the matrix once (torch's GEMVs are far slower)
+                return ext.dense_linear(x, w.weight)
         return F.linear(x, w.weight if w.weight.dtype == x.dtype else w.weight.to(x.dtype))
     if isinstance(w, MXFP4):
         return kernels.mxfp4_linear(x, w.weight, w.scale)
@@ -43,6 +44,9 @@ def grouped_linear(x: torch.Tensor, w: Weight, groups: int) -> torch.Tensor:
         return torch.einsum("tgi,goi->tgo", x, wg)
     rows = w.shape[0] // groups
     if isinstance(w, FP8Block) and rows % 128 == 0:  # slice whole scale blocks: no dequantization
+        ext = kernels.fused(x) if x.shape[0] <= _GEMV_ROWS else None
+        if ext is not None:  # decode: the same per-group products in one call
+            return ext.grouped_linear(x, *_parts(w), groups)
         step = rows // 128
         parts = [
             linear(x[:, g], FP8Block(w.weight[g * rows : (g + 1) * rows], w.scale[g * step : (g + 1) * step]))
@@ -110,12 +114,42 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def expert_mlp(x: torch.Tensor, w1: Weight, w2: Weight, w3: Weight, limit: float, scale: torch.Tensor | None = None):
-    """One SwiGLU expert, `w2(swiglu(w1 x, w3 x) * scale)`; scale `[T, 1]` is the router weight."""
+def expert_mlp(x: torch.Tensor, w1: Weight, w2: Weight, w3: Weight, limit: float, scale: torch.Tensor | None = None,
+               acc: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """One SwiGLU expert, `w2(swiglu(w1 x, w3 x) * scale)`; scale `[T, 1]` is the router weight.
+    With `acc` (fp32 `[T, D]`), the output is added into it in place and `acc` is returned."""
+    if x.dim() == 2 and x.shape[0] <= _GEMV_ROWS:  # decode: one fused call instead of ~30 small ops
+        ext = kernels.fused(x, scale, acc)
+        if ext is not None and all(_KIND.get(type(w)) is not None for w in (w1, w2, w3)):
+            return ext.expert_mlp(x, *_parts(w1), *_parts(w3), *_parts(w2), limit, scale, acc)
+    return expert_mlp_torch(x, w1, w2, w3, limit, scale, acc)
+
+
+def expert_mlp_torch(x: torch.Tensor, w1: Weight, w2: Weight, w3: Weight, limit: float,
+                     scale: torch.Tensor | None = None, acc: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """The reference `expert_mlp`."""
     h = swiglu(linear(x, w1), linear(x, w3), limit)
     if scale is not None:
         h = h * scale
-    return linear(h.to(x.dtype), w2)
+    out = linear(h.to(x.dtype), w2)
+    return out if acc is None else acc.add_(out.float())
+
+
+_KIND = {Dense: 0, FP8Block: 1, MXFP4: 2}  # the fused ops' weight-format codes
+
+
+def _parts(w: Weight) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """A weight as the fused ops take it: format code, values, scales (a Dense weight repeats itself)."""
+    return _KIND[type(w)], w.weight, w.weight if isinstance(w, Dense) else w.scale
+
+
+def decode_attention(q: torch.Tensor, keys: list[torch.Tensor], sink: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query `[1, H, D]` against every row of `keys` (parts `[K_i, D]`, concatenated in order):
+    `sink_attention` with all keys visible, in one fused call where the kernels take it."""
+    ext = kernels.fused(q, sink, *keys)
+    if ext is not None and q.dim() == 3 and q.shape[0] == 1:
+        return ext.sink_decode(q, keys, sink, scale)
+    return sink_attention(q, torch.cat(keys), None, sink, scale)
 
 
 def sink_attention(

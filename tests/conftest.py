@@ -23,6 +23,17 @@ def pytest_sessionstart(session):
     dsv4.kernels.available()
 
 
+@pytest.fixture(autouse=True)
+def _kernel_choice():
+    """Every test starts and ends with the kernel choice read from the environment afresh (the
+    choice is kept per process; tests that set DSV4_KERNELS call `kernels.refresh()` themselves)."""
+    import dsv4.kernels
+
+    dsv4.kernels.refresh()
+    yield
+    dsv4.kernels.refresh()
+
+
 # Tiny configs covering every layer type, hash and routed MoE, hc_mult 4, MTP.
 # Indexer scores tie exactly (at 0) when every head's ReLU is 0, and which tied entry top-k keeps is
 # implementation-defined; 16 indexer heads make such ties too rare to decide a pick (V4 itself has 64).

@@ -114,6 +114,7 @@ BACKENDS = ["torch", *kernels.supported_isas()]  # the fallback, and each compil
 @pytest.fixture(params=BACKENDS)
 def backend(request, monkeypatch):
     monkeypatch.setenv("DSV4_KERNELS", request.param)
+    kernels.refresh()
     if request.param != "torch" and not kernels.available():
         pytest.skip(kernels.fallback_reason())
     return request.param

@@ -131,9 +131,78 @@ def test_model_matches_reference_path(tiny_ckpt, monkeypatch):
 
 
 @needs_compiled
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", [1, 3, 9])  # 9: past the GEMV's rows, F.linear takes it
-def test_bf16_gemv(rows):
+def test_dense_gemv(dtype, rows):
     from dsv4.quant import Dense
 
-    x, w = rand(rows, 200, dtype=torch.bfloat16), rand(1000, 200, dtype=torch.bfloat16, seed=7)
+    x, w = rand(rows, 200, dtype=dtype), rand(1000, 200, dtype=dtype, seed=7)
     agree(ops.linear(x, Dense(w)), torch.nn.functional.linear(x, w))
+
+
+@needs_compiled
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 3])
+def test_grouped_linear(dtype, rows, monkeypatch):
+    from dsv4.quant import FP8Block, quantize_fp8_block
+
+    w = FP8Block(*quantize_fp8_block(rand(4 * 128, 96, seed=1)))
+    x = rand(rows, 4, 96, dtype=dtype, seed=2)
+    y = ops.grouped_linear(x, w, 4)
+    monkeypatch.setattr(kernels, "fused", lambda *t: None)  # the per-group products, one call each
+    agree(y, ops.grouped_linear(x, w, 4))
+    # and what the groups mean: group g is x[:, g] through rows g*128 .. of the dequantized weight
+    ref = torch.einsum("tgi,goi->tgo", x.float(), w.dequantize().view(4, 128, 96)).to(dtype)
+    agree(y, ref)
+
+
+@needs_compiled
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("parts", [[5], [120, 1, 16], [0, 1]])  # window, new key, picked entries
+def test_decode_attention(dtype, parts):
+    q = rand(1, 4, 64, dtype=dtype, seed=1)
+    keys = [rand(n, 64, dtype=dtype, seed=2 + i) for i, n in enumerate(parts)]
+    sink = rand(4, seed=9)
+    ref = ops.sink_attention(q, torch.cat(keys), None, sink, 64**-0.5)
+    agree(ops.decode_attention(q, keys, sink, 64**-0.5), ref)
+
+
+@needs_compiled
+@pytest.mark.parametrize("n", [3, 40])  # fewer entries than the top-k, and more
+def test_indexer_top(n):
+    from dsv4.model import Indexer, Numerics
+
+    ix = Indexer(CFG, Src(CFG), "layers.1.attn.indexer", 4, Numerics(torch.float32))
+    q, w = rand(1, CFG.index_n_heads, CFG.index_head_dim, seed=1), rand(1, CFG.index_n_heads, seed=2)
+    keys = rand(n, CFG.index_head_dim, seed=3)
+    keys[n // 2] = keys[0]  # equal scores: the earlier entry first
+    assert ix.top(q, w, keys).tolist() == ix.top_torch(q, w, keys).tolist()
+    q.zero_()  # every score 0: the earliest entries, as the stable sort keeps them
+    assert ix.top(q, w, keys).tolist() == ix.top_torch(q, w, keys).tolist() == list(range(min(n, ix.topk)))
+
+
+@needs_compiled
+@pytest.mark.parametrize("fmt", ["dense", "fp8", "mxfp4"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 3])
+def test_expert_mlp(fmt, dtype, rows):
+    from dsv4.quant import MXFP4, Dense, FP8Block, quantize_fp8_block, quantize_mxfp4
+
+    def weight(o, i, seed):
+        w = rand(o, i, seed=seed, scale=0.1)
+        if fmt == "fp8":
+            return FP8Block(*quantize_fp8_block(w))
+        if fmt == "mxfp4":
+            return MXFP4(*quantize_mxfp4(w))
+        return Dense(w.to(dtype))
+
+    w1, w3, w2 = weight(192, 256, 1), weight(192, 256, 2), weight(256, 192, 3)
+    x, route = rand(rows, 256, dtype=dtype, seed=4), rand(rows, 1, seed=5).abs()
+    for limit in (0.0, 0.5):
+        y = ops.expert_mlp(x, w1, w2, w3, limit, route)
+        agree(y, ops.expert_mlp_torch(x, w1, w2, w3, limit, route))
+        acc, ref = rand(rows, 256, seed=6), rand(rows, 256, seed=6)
+        out = ops.expert_mlp(x, w1, w2, w3, limit, route, acc=acc)
+        assert out is acc  # added in place
+        torch.testing.assert_close(acc, ops.expert_mlp_torch(x, w1, w2, w3, limit, route, acc=ref),
+                                   rtol=1e-5, atol=2e-2 if dtype == torch.bfloat16 else 1e-5)  # fmt: skip

@@ -79,6 +79,7 @@ ISAS = kernels.supported_isas()  # both builds on an AVX-512 CPU, the AVX2 one o
 def isa(request, monkeypatch):
     """Each test below runs once per build this CPU can run, forced through DSV4_KERNELS."""
     monkeypatch.setenv("DSV4_KERNELS", request.param)
+    kernels.refresh()
     if not kernels.available():
         pytest.skip(kernels.fallback_reason())
     assert kernels.isa() == request.param and kernels.fallback_reason() == ""
@@ -116,6 +117,7 @@ def test_fp8_fallback_matches_reference(monkeypatch, chunk, scale):
 
 def test_env_forces_fallback(monkeypatch):
     monkeypatch.setenv("DSV4_KERNELS", "torch")
+    kernels.refresh()
     assert kernels.backend() == "torch" and not kernels.available()
     q, s = mx_weight(16, 64)
     x = xs(2, 64)
@@ -152,6 +154,7 @@ def test_the_build_follows_the_cpu_flags(monkeypatch, flags, capability, chosen)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
     monkeypatch.setattr(kernels, "_choices", {})
     monkeypatch.delenv("DSV4_KERNELS", raising=False)
+    kernels.refresh()
     assert kernels.supported_isas() == chosen
     if not chosen:  # a normal case: no build, no warning, the reason on record
         monkeypatch.setattr(kernels, "_exts", {})
@@ -171,6 +174,7 @@ def test_the_build_follows_the_cpu_flags(monkeypatch, flags, capability, chosen)
 )
 def test_env_values_that_take_the_fallback(monkeypatch, value, reason):
     monkeypatch.setenv("DSV4_KERNELS", value)
+    kernels.refresh()
     assert not kernels.available()
     assert kernels.fallback_reason().startswith(reason)
 
@@ -179,6 +183,7 @@ def test_env_asking_for_a_missing_isa(monkeypatch):
     monkeypatch.setattr(kernels, "_cpu_flags", lambda: {"avx2", "fma", "f16c"})
     monkeypatch.setattr(kernels, "_choices", {})
     monkeypatch.setenv("DSV4_KERNELS", "avx512")
+    kernels.refresh()
     assert not kernels.available()
     assert kernels.fallback_reason() == "DSV4_KERNELS=avx512 but this CPU lacks AVX512"
 

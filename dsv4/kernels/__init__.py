@@ -16,8 +16,9 @@ The compiled path (`cpu_kernels.cpp` with `avx512.h` or `avx2.h`) is built on fi
 `torch.utils.cpp_extension.load` into `~/.cache/dsv4/kernels/<hash>`, the hash covering the sources (and their path),
 the flags, the torch version and the CPU's flags (the build uses `-march=native`). It needs a C++
 compiler, `ninja` and a CPU with AVX-512 (F, BW, VL) or AVX2 + FMA + F16C; the AVX2 build drops
-AVX-512 with `-mno-avx512f`. `DSV4_KERNELS` picks: `torch` (every call takes the fallback), `avx2`
-(the AVX2 build even on an AVX-512 CPU, to test that path), `avx512`, or unset/`auto` (the best
+AVX-512 with `-mno-avx512f`. `DSV4_KERNELS` (read at the first call, and again after `refresh()`)
+picks: `torch` (every call takes the fallback), `avx2` (the AVX2 build even on an AVX-512 CPU, to
+test that path), `avx512`, or unset/`auto` (the best
 the CPU has). Without a usable build every call takes the fallback: a failed build warns once;
 a CPU without the instruction sets is a normal case, reported by `fallback_reason()`.
 
@@ -64,6 +65,15 @@ _lock = threading.Lock()
 _exts: dict[str, object] = {}  # ISA -> the compiled module once built, or False once it failed
 _reasons: dict[str, str] = {}  # ISA -> why its build is unusable
 _choices: dict[str, tuple[str | None, str]] = {}  # DSV4_KERNELS value -> `_choice()`'s answer
+_active: list = []  # [the extension in use, or None] once `_load` has decided; `refresh` empties it
+
+
+def refresh() -> None:
+    """Decide again, from DSV4_KERNELS, at the next kernel call.
+
+    The choice is made once per process: a decode step makes ~170 kernel calls, and reading the
+    environment on each was ~1 us apiece. Code (tests) that changes DSV4_KERNELS calls this."""
+    _active.clear()
 
 
 def backend() -> str:
@@ -102,8 +112,7 @@ def fallback_reason() -> str:
 def _choice() -> tuple[str | None, str]:
     """The build DSV4_KERNELS and the CPU ask for, or None and why there is none.
 
-    Every kernel call asks, so the answer is kept per DSV4_KERNELS value (`_choices`); reading the
-    CPU's flags on each call was half the time of a batch-1 decode step."""
+    The answer is kept per DSV4_KERNELS value (`_choices`): reading the CPU's flags is slow."""
     env = os.environ.get("DSV4_KERNELS", "")
     got = _choices.get(env)
     if got is None:
@@ -146,14 +155,16 @@ def _build_dir(isa: str) -> Path:
 
 
 def _load():
+    if _active:
+        return _active[0]
     choice, _ = _choice()
-    if choice is None:
-        return None
-    if choice not in _exts:
+    if choice is not None and choice not in _exts:
         with _lock:
             if choice not in _exts:
                 _exts[choice] = _build(choice) or False
-    return _exts[choice] or None
+    ext = _exts[choice] or None if choice is not None else None
+    _active[:] = [ext]
+    return ext
 
 
 def _build(isa: str):

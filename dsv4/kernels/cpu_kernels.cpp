@@ -420,7 +420,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("hc_pre", &fused::hc_pre, "HyperConnection.pre: block input, post and Sinkhorn comb");
   m.def("hc_post", &fused::hc_post, "HyperConnection.post: expand a block output back into n streams");
   m.def("norm_rope", &fused::norm_rope, "RMSNorm (eps >= 0) then interleaved RoPE (cos/sin given)");
-  m.def("bf16_linear", &fused::bf16_linear, "x @ w.T for a few bf16 rows against a bf16 matrix");
+  m.def("dense_linear", &fused::dense_linear, "x @ w.T for a few rows, x and w both bf16 or both fp32");
+  m.def("sink_decode", &fused::sink_decode, "one query's attention over shared K=V rows with a sink per head");
+  m.def("index_top", &fused::index_top, "the lightning indexer's top-k entries for one query");
+  m.def("grouped_linear", &fused::grouped_linear, "block-diagonal projection of a few rows, any weight format");
+  m.def("expert_mlp", &fused::expert_mlp, "one SwiGLU expert for a few rows, optionally added into an fp32 sum");
   m.def("route", &fused::route, "router scores, top-k (or hashed ids) and normalized weights");
   m.def("mxfp4_linear", &mxfp4_linear, "y = x @ dequant_mxfp4(w, s).T, fp32 accumulation");
   m.def("fp8_linear", &fp8_linear, "y = x @ dequant_fp8_block(w, s).T, fp32 accumulation");

@@ -9,6 +9,7 @@
 // AVX-512 and AVX2 builds share it. It knows nothing of models beyond these formulas.
 
 #include <cmath>
+#include <limits>
 
 namespace fused {
 
@@ -288,7 +289,7 @@ std::vector<torch::Tensor> route(const torch::Tensor& logits_in, const c10::opti
   return {weights, ids};
 }
 
-// ---- bf16 matrix-vector ----
+// ---- dense matrix-vector ----
 
 inline float bf16_bits(uint16_t b) {
   const uint32_t u = static_cast<uint32_t>(b) << 16;
@@ -297,38 +298,226 @@ inline float bf16_bits(uint16_t b) {
   return f;
 }
 
-// x [M, in] bf16 (a few rows: decode), w [out, in] bf16 -> x @ w.T [M, out] bf16, fp32 sums: what
-// F.linear computes, streaming w once at memory speed (torch's bf16 GEMV reached ~1-2 GB/s here
-// on the vocabulary head, the largest single read of a decode step on small models).
-torch::Tensor bf16_linear(const torch::Tensor& x_in, const torch::Tensor& w_in) {
-  TORCH_CHECK(x_in.scalar_type() == torch::kBFloat16 && w_in.scalar_type() == torch::kBFloat16 && x_in.dim() == 2 &&
-                  w_in.dim() == 2 && x_in.size(1) == w_in.size(1) && x_in.device().is_cpu() && w_in.device().is_cpu(),
-              "bf16_linear: x [M, in] and w [out, in], bfloat16 on the CPU; got ", x_in.sizes(), " and ", w_in.sizes());
-  const auto xf = x_in.to(torch::kFloat).contiguous();
-  const auto w = w_in.contiguous();
-  const int64_t M = xf.size(0), in = xf.size(1), out = w.size(0);
-  auto y = torch::empty({M, out}, x_in.options());
-  const float* X = xf.data_ptr<float>();
-  const auto* W = reinterpret_cast<const uint16_t*>(w.data_ptr());
-  auto* Y = y.data_ptr<at::BFloat16>();
-  at::parallel_for(0, out, std::max<int64_t>(1, kMinThreadBytes / std::max<int64_t>(1, 2 * in)), [&](int64_t r0, int64_t r1) {
+// x [M, in], w [out, in], both bf16 or both fp32 (a few rows: decode) -> x @ w.T [M, out] in their
+// dtype, fp32 sums: what F.linear computes, streaming w once at memory speed (torch's bf16 GEMV
+// reached ~1-2 GB/s here on the vocabulary head, the largest single read of a decode step on small
+// models; its fp32 GEMV costs ~10 us of overhead on the small fp32 matrices of the router and the
+// compressors).
+inline float wval(const float* p, int64_t i) { return p[i]; }
+inline float wval(const uint16_t* p, int64_t i) { return bf16_bits(p[i]); }
+
+// Y [M, out] (float or at::BFloat16) = X [M, in] fp32 @ W.T, W float or bf16 bits.
+template <typename W, typename Y>
+void gemv_rows(const float* X, const W* Wd, int64_t M, int64_t in, int64_t out, Y* Yd) {
+  at::parallel_for(0, out, std::max<int64_t>(1, kMinThreadBytes / std::max<int64_t>(1, int64_t(sizeof(W)) * in)),
+                   [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      const uint16_t* wr = W + r * in;
+      const W* wr = Wd + r * in;
       prefetch(reinterpret_cast<const uint8_t*>(wr) + kPrefetch);
       for (int64_t m = 0; m < M; ++m) {
         const float* xm = X + m * in;
         float acc[16] = {0};
         int64_t i = 0;
         for (; i + 16 <= in; i += 16)
-          for (int l = 0; l < 16; ++l) acc[l] += bf16_bits(wr[i + l]) * xm[i + l];
+          for (int l = 0; l < 16; ++l) acc[l] += wval(wr, i + l) * xm[i + l];
         float s = 0;
-        for (; i < in; ++i) s += bf16_bits(wr[i]) * xm[i];
+        for (; i < in; ++i) s += wval(wr, i) * xm[i];
         for (int l = 0; l < 16; ++l) s += acc[l];
-        Y[m * out + r] = static_cast<at::BFloat16>(s);
+        Yd[m * out + r] = static_cast<Y>(s);
       }
     }
   });
+}
+
+torch::Tensor dense_linear(const torch::Tensor& x_in, const torch::Tensor& w_in) {
+  const auto st = x_in.scalar_type();
+  TORCH_CHECK((st == torch::kBFloat16 || st == torch::kFloat) && w_in.scalar_type() == st && x_in.dim() == 2 &&
+                  w_in.dim() == 2 && x_in.size(1) == w_in.size(1) && x_in.device().is_cpu() && w_in.device().is_cpu(),
+              "dense_linear: x [M, in] and w [out, in], both bfloat16 or both float32 on the CPU; got ", x_in.sizes(),
+              " ", x_in.scalar_type(), " and ", w_in.sizes(), " ", w_in.scalar_type());
+  const auto xf = x_in.to(torch::kFloat).contiguous();
+  const auto w = w_in.contiguous();
+  const int64_t M = xf.size(0), in = xf.size(1), out = w.size(0);
+  auto y = torch::empty({M, out}, x_in.options());
+  if (st == torch::kFloat)
+    gemv_rows(xf.data_ptr<float>(), w.data_ptr<float>(), M, in, out, y.data_ptr<float>());
+  else
+    gemv_rows(xf.data_ptr<float>(), reinterpret_cast<const uint16_t*>(w.data_ptr()), M, in, out,
+              y.data_ptr<at::BFloat16>());
   return y;
+}
+
+// ---- one decode token: attention, the indexer's pick, an expert ----
+// The batch-1 step's remaining small work, each a dozen-plus ATen ops in the reference.
+
+// q [1, H, hd] (or [H, hd]); keys = the rows of `parts` ([K_i, hd] each, in order), shared by all
+// heads as K=V; sink [H]. Softmax over (q.k * scale for every key, the head's sink) in fp32, the
+// sink in the denominator only; out [1, H, hd] = probs . keys in q's dtype (ops.sink_attention with
+// every key visible).
+torch::Tensor sink_decode(const torch::Tensor& q_in, const std::vector<torch::Tensor>& parts,
+                          const torch::Tensor& sink_in, double scale_d) {
+  check_float(q_in, "sink_decode q");
+  TORCH_CHECK(q_in.dim() == 3 && q_in.size(0) == 1, "sink_decode: q [1, H, hd], got ", q_in.sizes());
+  const int64_t H = q_in.size(1), hd = q_in.size(2);
+  TORCH_CHECK(sink_in.numel() == H, "sink_decode: sink [", H, "], got ", sink_in.sizes());
+  int64_t K = 0;
+  for (const auto& p : parts) {
+    check_float(p, "sink_decode keys");
+    TORCH_CHECK(p.dim() == 2 && p.size(1) == hd, "sink_decode: keys [K, ", hd, "], got ", p.sizes());
+    K += p.size(0);
+  }
+  const auto q = q_in.to(torch::kFloat).contiguous();
+  const auto sink = sink_in.to(torch::kFloat).contiguous();
+  std::vector<float> keys(K * hd);
+  int64_t row = 0;
+  for (const auto& p : parts) {  // fp32 copies, once for all heads
+    const auto pc = p.contiguous();
+    const int64_t n = pc.size(0) * hd;
+    float* dst = keys.data() + row * hd;
+    if (pc.scalar_type() == torch::kFloat) {
+      std::memcpy(dst, pc.data_ptr<float>(), n * sizeof(float));
+    } else {
+      const auto* src = reinterpret_cast<const uint16_t*>(pc.data_ptr());
+      for (int64_t i = 0; i < n; ++i) dst[i] = bf16_bits(src[i]);
+    }
+    row += pc.size(0);
+  }
+  auto out = torch::empty({1, H, hd}, q.options());
+  const float* Q = q.data_ptr<float>();
+  const float* S = sink.data_ptr<float>();
+  const float* Kd = keys.data();
+  float* O = out.data_ptr<float>();
+  const float scale = static_cast<float>(scale_d);
+  at::parallel_for(0, H, grain(2 * K * hd), [&](int64_t h0, int64_t h1) {
+    std::vector<float> p(K);
+    for (int64_t h = h0; h < h1; ++h) {
+      const float* qh = Q + h * hd;
+      float mx = S[h];
+      for (int64_t k = 0; k < K; ++k) mx = std::max(mx, p[k] = dot(qh, Kd + k * hd, hd) * scale);
+      float sum = std::exp(S[h] - mx);
+      for (int64_t k = 0; k < K; ++k) sum += (p[k] = std::exp(p[k] - mx));
+      float* oh = O + h * hd;
+      std::fill(oh, oh + hd, 0.f);
+      for (int64_t k = 0; k < K; ++k) {
+        const float w = p[k] / sum;
+        const float* kk = Kd + k * hd;
+        for (int64_t d = 0; d < hd; ++d) oh[d] += w * kk[d];
+      }
+    }
+  });
+  return q_in.scalar_type() == torch::kFloat ? out : out.to(q_in.scalar_type());
+}
+
+// The lightning indexer for one query: score[n] = sum_h w[h] * relu(q[h] . keys[n]) (fp32), and
+// the indices of the top min(k, N) scores, largest first, the earlier entry first among equals
+// (Indexer.top: a stable descending sort). q [1, Hi, d], w [1, Hi] fp32, keys [N, d].
+torch::Tensor index_top(const torch::Tensor& q_in, const torch::Tensor& w_in, const torch::Tensor& keys_in,
+                        int64_t k) {
+  check_float(q_in, "index_top q");
+  check_float(keys_in, "index_top keys");
+  TORCH_CHECK(q_in.dim() == 3 && q_in.size(0) == 1 && keys_in.dim() == 2 && keys_in.size(1) == q_in.size(2) &&
+                  w_in.numel() == q_in.size(1),
+              "index_top: q [1, Hi, d], w [1, Hi], keys [N, d]; got ", q_in.sizes(), ", ", w_in.sizes(), ", ",
+              keys_in.sizes());
+  const int64_t Hi = q_in.size(1), d = q_in.size(2), N = keys_in.size(0);
+  const auto q = q_in.to(torch::kFloat).contiguous();
+  const auto w = w_in.to(torch::kFloat).contiguous();
+  const auto keys = keys_in.to(torch::kFloat).contiguous();
+  const float *Q = q.data_ptr<float>(), *W = w.data_ptr<float>(), *Kd = keys.data_ptr<float>();
+  std::vector<float> score(N);
+  at::parallel_for(0, N, grain(Hi * d), [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      float s = 0;
+      for (int64_t h = 0; h < Hi; ++h) s += std::max(dot(Q + h * d, Kd + n * d, d), 0.f) * W[h];
+      score[n] = s;
+    }
+  });
+  const int64_t m = std::min(k, N);
+  std::vector<int64_t> order(N);
+  for (int64_t n = 0; n < N; ++n) order[n] = n;
+  std::partial_sort(order.begin(), order.begin() + m, order.end(), [&](int64_t a, int64_t b) {
+    return score[a] > score[b] || (score[a] == score[b] && a < b);
+  });
+  auto idx = torch::empty({m}, torch::kLong);
+  std::copy(order.begin(), order.begin() + m, idx.data_ptr<int64_t>());
+  return idx;
+}
+
+// y = x @ W.T for a weight in one of dsv4.quant's formats: kind 0 Dense (scale unused), 1 FP8Block,
+// 2 MXFP4; x's dtype out, what ops.linear computes for a few rows of x.
+inline torch::Tensor linear_any(const torch::Tensor& x, int64_t kind, const torch::Tensor& w,
+                                const torch::Tensor& s) {
+  constexpr int64_t kDecode = std::numeric_limits<int64_t>::max();  // a few rows: the decode paths
+  if (kind == 1) return ::fp8_linear(x, w, s, kDecode, false);
+  if (kind == 2) return ::mxfp4_linear(x, w, s, kDecode, false);
+  TORCH_CHECK(kind == 0, "expert_mlp: weight kind 0 (dense), 1 (FP8) or 2 (MXFP4), got ", kind);
+  if (x.scalar_type() == torch::kBFloat16 && w.scalar_type() == torch::kBFloat16) return dense_linear(x, w);
+  return at::linear(x, w.to(x.scalar_type()));
+}
+
+// Block-diagonal projection for a few rows (ops.grouped_linear): x [M, G, in], W [G*rows, in] ->
+// [M, G, rows], group g multiplying x[:, g] by weight rows g*rows ... (an FP8 weight's groups must
+// be whole 128-row scale blocks).
+torch::Tensor grouped_linear(const torch::Tensor& x, int64_t kind, const torch::Tensor& w, const torch::Tensor& s,
+                             int64_t groups) {
+  check_float(x, "grouped_linear x");
+  TORCH_CHECK(x.dim() == 3 && x.size(1) == groups && groups > 0 && w.size(0) % groups == 0,
+              "grouped_linear: x [M, ", groups, ", in] and weight rows divisible by ", groups, "; got ", x.sizes(),
+              " and ", w.sizes());
+  const int64_t rows = w.size(0) / groups;
+  TORCH_CHECK(kind != 1 || rows % 128 == 0, "grouped_linear: FP8 groups of whole 128-row blocks, got ", rows);
+  std::vector<torch::Tensor> parts;
+  for (int64_t g = 0; g < groups; ++g) {
+    const auto wg = w.narrow(0, g * rows, rows);
+    const auto sg = kind == 1 ? s.narrow(0, g * rows / 128, rows / 128) : kind == 2 ? s.narrow(0, g * rows, rows) : wg;
+    parts.push_back(linear_any(x.select(1, g), kind, wg, sg));
+  }
+  return at::stack(parts, 1);
+}
+
+// One SwiGLU expert for a few rows of x [M, D] (ops.expert_mlp): h = silu(min(w1 x, limit)) *
+// clamp(w3 x, -limit, limit) in fp32 (no clamping when limit <= 0), times route [M, 1] when given,
+// rounded to x's dtype; out = w2 h in x's dtype. With `acc` (fp32 [M, D']) the output is added into
+// it in place (MoE: y = y + out.float()) and `acc` is returned.
+torch::Tensor expert_mlp(const torch::Tensor& x, int64_t k1, const torch::Tensor& w1, const torch::Tensor& s1,
+                         int64_t k3, const torch::Tensor& w3, const torch::Tensor& s3, int64_t k2,
+                         const torch::Tensor& w2, const torch::Tensor& s2, double limit_d,
+                         const c10::optional<torch::Tensor>& route_in, const c10::optional<torch::Tensor>& acc) {
+  check_float(x, "expert_mlp x");
+  TORCH_CHECK(x.dim() == 2, "expert_mlp: x [M, D], got ", x.sizes());
+  const auto g = linear_any(x, k1, w1, s1).to(torch::kFloat).contiguous();
+  const auto u = linear_any(x, k3, w3, s3).to(torch::kFloat).contiguous();
+  TORCH_CHECK(g.sizes() == u.sizes(), "expert_mlp: w1 and w3 give ", g.sizes(), " and ", u.sizes());
+  const int64_t M = g.size(0), F = g.size(1);
+  torch::Tensor route;
+  if (route_in.has_value()) {
+    route = route_in->to(torch::kFloat).contiguous();
+    TORCH_CHECK(route.numel() == M, "expert_mlp: route weights [", M, ", 1], got ", route.sizes());
+  }
+  auto h = torch::empty({M, F}, g.options());
+  const float *G = g.data_ptr<float>(), *U = u.data_ptr<float>();
+  const float* R = route.defined() ? route.data_ptr<float>() : nullptr;
+  float* Hd = h.data_ptr<float>();
+  const float limit = static_cast<float>(limit_d);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t f = 0; f < F; ++f) {
+      float a = G[m * F + f], b = U[m * F + f];
+      if (limit > 0) {
+        a = std::min(a, limit);
+        b = std::min(std::max(b, -limit), limit);
+      }
+      float v = a / (1.f + std::exp(-a)) * b;
+      Hd[m * F + f] = R ? v * R[m] : v;
+    }
+  auto out = linear_any(h.to(x.scalar_type()), k2, w2, s2);
+  if (!acc.has_value()) return out;
+  TORCH_CHECK(acc->scalar_type() == torch::kFloat && acc->is_contiguous() && acc->sizes() == out.sizes(),
+              "expert_mlp: acc fp32 contiguous ", out.sizes(), ", got ", acc->sizes());
+  const auto of = out.to(torch::kFloat).contiguous();
+  float* A = acc->data_ptr<float>();
+  const float* Od = of.data_ptr<float>();
+  for (int64_t i = 0; i < of.numel(); ++i) A[i] += Od[i];
+  return *acc;
 }
 
 }  // namespace fused
