@@ -131,23 +131,26 @@ def _free_port() -> int:
 
 def test_serve_answers_up_to_the_context_without_max_tokens(tiny_ckpt):
     """`dsv4 serve`: a request without max_tokens is not cut at run's --max-tokens default; the cap is a
-    flag shown in --help."""
+    flag shown in --help. --threads reaches the generation thread (torch's default is one per core)."""
     import httpx
 
     port = _free_port()
     proc = subprocess.Popen([*DSV4, "serve", "--model", str(tiny_ckpt("vocab").path), "--port", str(port),
-                             "--max-context", "300", "--max-ram", "none", "--log-level", "warning"],
+                             "--max-context", "300", "--max-ram", "none", "--log-level", "warning",
+                             "--threads", "3"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
     try:
         url = f"http://127.0.0.1:{port}"
         for _ in range(600):
             try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                health = httpx.get(url + "/health", timeout=1)
+                if health.status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
             assert proc.poll() is None, proc.stderr.read()
             time.sleep(0.1)
+        assert health.json()["threads"] == 3, health.text
         body = {"model": Path(tiny_ckpt("vocab").path).name, "messages": [{"role": "user", "content": "Hi"}],
                 "temperature": 0, "ignore_eos": True}  # fmt: skip
         r = httpx.post(url + "/v1/chat/completions", json=body, timeout=300)

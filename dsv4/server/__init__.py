@@ -74,6 +74,10 @@ def serve(args: argparse.Namespace) -> int:
             raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     if args.max_tokens is not None and args.max_tokens < 1:
         raise ValueError(f"--max-tokens must be positive, got {args.max_tokens}")
+    if args.threads is not None:  # for loading; the generation thread sets it for itself (create_app)
+        import torch
+
+        torch.set_num_threads(args.threads)
     path = model_dir(args.model)
     budgets = {k: getattr(args, k) for k in ("max_ram", "max_vram", "cache_policy") if getattr(args, k, None) is not None}
     engine = dsv4.load(path, device=args.device, dtype=args.dtype, numerics=args.numerics, prompt_cache=True,
@@ -86,8 +90,9 @@ def serve(args: argparse.Namespace) -> int:
                      max_running=args.max_running, max_body_bytes=args.max_body_bytes,
                      max_context=args.max_context, max_step_tokens=args.max_step_tokens,
                      default_max_tokens=args.max_tokens, sampling_defaults=_sampling_defaults(args),
-                     prefix_cache=cache, speculative=args.speculative)  # fmt: skip
-    print(f"dsv4 serve: {name} on http://{args.host}:{args.port}/ (API at /v1, metrics at /metrics)",
+                     prefix_cache=cache, speculative=args.speculative, threads=args.threads)  # fmt: skip
+    print(f"dsv4 serve: {name} on http://{args.host}:{args.port}/ (API at /v1, metrics at /metrics), "
+          f"{app.state.server.worker.threads} CPU threads",
           file=sys.stderr, flush=True)  # fmt: skip
     # uvicorn shuts down gracefully on SIGTERM, then raises it again: with the default action the process
     # would die there, before the prefix cache's queued writes are flushed; exit through `finally` instead

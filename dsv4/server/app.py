@@ -152,10 +152,11 @@ def _add_api_routes(app: FastAPI, srv: Server) -> None:
 def _add_service_routes(app: FastAPI, srv: Server) -> None:
     @app.get("/health")
     async def health() -> JSONResponse:
-        """200 while the generation thread runs, 503 if it died."""
+        """200 while the generation thread runs, 503 if it died; `threads`: the CPU threads its forward
+        passes use (`dsv4 serve --threads`)."""
         w = srv.worker
         body = {"status": "ok" if w.alive else "worker stopped", "model": srv.model_name,
-                "running": w.running, "waiting": w.waiting}  # fmt: skip
+                "running": w.running, "waiting": w.waiting, "threads": w.threads}  # fmt: skip
         return JSONResponse(body, status_code=200 if w.alive else 503)
 
     @app.get("/metrics", response_class=Response)
@@ -176,7 +177,7 @@ def create_app(engine, *, model_name: str, api_key: str | None = None, max_queue
                max_running: int = 16, max_body_bytes: int = 4 << 20, max_context: int | None = None,
                max_step_tokens: int = 256, default_max_tokens: int | None = None,
                sampling_defaults: dict[str, Any] | None = None, prefix_cache=None,
-               speculative: bool = False) -> FastAPI:  # fmt: skip
+               speculative: bool = False, threads: int | None = None) -> FastAPI:  # fmt: skip
     """The app serving `engine` as `model_name`.
 
     max_running sequences decode together; up to max_queue more wait; beyond that requests get a 429.
@@ -188,6 +189,7 @@ def create_app(engine, *, model_name: str, api_key: str | None = None, max_queue
     prefix_cache (a `dsv4.prefix_cache.PrefixCache`) lets requests reuse earlier prompts' states.
     speculative: requests decode with the checkpoint's draft unless they say `"speculative": false`;
     DSpark blocks are verified in the shared batch, MTP checkpoints decode plainly (see `Scheduler`).
+    threads: CPU threads of the generation thread's forward passes (default: torch's, as the caller has it).
     """
     context = min(engine.config.max_seq_len, max_context or engine.config.max_seq_len)
     limits = Limits(
@@ -195,7 +197,7 @@ def create_app(engine, *, model_name: str, api_key: str | None = None, max_queue
     )
     figures = metrics.Metrics(ROUTES)
     worker = Worker(engine, max_running=max_running, max_queue=max_queue, max_step_tokens=max_step_tokens,
-                    prefix_cache=prefix_cache, on_finish=figures.finished)  # fmt: skip
+                    prefix_cache=prefix_cache, on_finish=figures.finished, threads=threads)  # fmt: skip
     srv = Server(engine, worker, model_name=model_name, limits=limits, figures=figures,
                  speculative=speculative)  # fmt: skip
 

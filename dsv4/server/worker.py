@@ -13,7 +13,9 @@ raises leaves its states as they were), each sequence of that step is tried alon
 With a `PrefixCache`, the worker thread looks every new sequence's prompt up before it joins the
 scheduler (a hit restores the state and leaves only the rest of the prompt to feed), and after each
 step keeps snapshots of prompts at the cache's boundaries and of finished sequences' prompt + output.
-It knows nothing of HTTP, JSON or the chat format.
+`threads` (`dsv4 serve --threads`) is applied on the worker thread itself: torch's intra-op thread count
+belongs to the calling thread, and this thread runs every forward pass. It knows nothing of HTTP, JSON
+or the chat format.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+
+import torch
 
 from ..generate import Event, Scheduler, Sequence
 
@@ -76,8 +80,11 @@ class Worker:
     """Owns the Scheduler and its thread. `submit` and `cancel` are called from the event loop."""
 
     def __init__(self, engine, *, max_running: int = 16, max_queue: int = 64, max_step_tokens: int = 256,
-                 prefix_cache=None, on_finish=None):  # fmt: skip
+                 prefix_cache=None, on_finish=None, threads: int | None = None):  # fmt: skip
+        if threads is not None and threads < 1:
+            raise ValueError(f"threads must be at least 1, got {threads} (--threads)")
         self.engine = engine
+        self.threads = threads  # CPU threads of the forward passes; the worker thread's own once it runs
         self.on_finish = on_finish  # (sequence, finish reason) of each that ends, on this thread
         self.prefix_cache = prefix_cache
         self._incoming: list[Sequence] = []  # submitted, not yet looked up in the prefix cache
@@ -92,8 +99,10 @@ class Worker:
         self.generated_tokens = 0
         self.failures = 0
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) per step, for tokens/s
-        self._thread = threading.Thread(target=self._run, name="dsv4-worker", daemon=True)
+        started = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(started,), name="dsv4-worker", daemon=True)
         self._thread.start()
+        started.wait()
 
     # ---- event-loop side ----
 
@@ -163,7 +172,11 @@ class Worker:
 
     # ---- worker thread ----
 
-    def _run(self) -> None:
+    def _run(self, started: threading.Event) -> None:
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
+        self.threads = torch.get_num_threads()  # what this thread's forward passes use
+        started.set()
         while True:
             with self._cv:
                 while not self._closed and not self.scheduler.busy and not self._incoming:
