@@ -7,6 +7,7 @@ these tests has a timeout: a regression shows up as a failure, never as a hung r
 
 import errno
 import os
+import re
 import shutil
 import threading
 
@@ -122,8 +123,9 @@ def test_vanished_shard(ckpt_copy):
 
 
 def test_server_fails_the_request_and_stays_healthy(ckpt_copy, monkeypatch):
-    """Reads fail during a request: it gets a 500 naming the engine (no hang); the server keeps
-    serving, and once the disk reads again the same request gets its answer."""
+    """Reads fail during a request: it gets a 500 saying what failed -- the tensor, the shard and the
+    I/O error, no traceback (no hang); the server keeps serving, and once the disk reads again the same
+    request gets its answer."""
     engine = dsv4.load(ckpt_copy, max_ram="1G", dtype=torch.float32)
     want = engine.generate([0, 5, 6, 7], max_tokens=4, temperature=0.0)
     engine.model.store.set_budget(0)  # every expert is read again from the disk
@@ -136,8 +138,14 @@ def test_server_fails_the_request_and_stays_healthy(ckpt_copy, monkeypatch):
         faults.on = True
         bad = httpx.post(server.url + "/v1/completions", json=body, timeout=30)
         assert bad.status_code == 500 and bad.json()["error"]["code"] == "engine_error", bad.text
+        reason = re.compile(r"CheckpointError: reading '(layers\.\d+\.ffn\.experts\.\d+\.w[123]\.\w+)' "
+                            r"from \S+/(model-\d+-of-\d+\.safetensors) failed: \[Errno 5\] Input/output error")  # fmt: skip
+        found = reason.search(bad.json()["error"]["message"])
+        assert found and shard_of(ckpt_copy, found[1]).name == found[2], bad.text
+        assert "Traceback" not in bad.text and "File \"" not in bad.text
         stream = httpx.post(server.url + "/v1/completions", json={**body, "stream": True}, timeout=30)
         assert '"engine_error"' in stream.text and stream.text.endswith("data: [DONE]\n\n")
+        assert reason.search(stream.text), stream.text
         assert httpx.get(server.url + "/health", timeout=10).status_code == 200
         faults.on = False
         good = httpx.post(server.url + "/v1/completions", json=body, timeout=30)

@@ -375,12 +375,14 @@ def test_engine_failure_fails_only_its_request(server, engine, monkeypatch):
         )
         rest = list(lines)
     assert bad.status_code == 500 and bad.json()["error"]["code"] == "engine_error", bad.text
+    assert bad.json()["error"]["message"].endswith(": RuntimeError: injected failure"), bad.text  # its own
     chunks = [json.loads(x[6:]) for x in first + rest if x.startswith("data: {")]
     assert all("choices" in c for c in chunks), chunks
     assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == want.content
     bad_stream = httpx.post(server.url + "/v1/completions",
                             json={"model": MODEL, "prompt": [0, poison], "max_tokens": 3, "stream": True})  # fmt: skip
     assert '"engine_error"' in bad_stream.text and bad_stream.text.endswith("data: [DONE]\n\n")
+    assert "RuntimeError: injected failure" in bad_stream.text and "Traceback" not in bad_stream.text
     server.wait_idle()
     assert errors() == before + 2
 

@@ -3,7 +3,8 @@
 A `Call` is one admitted request (its ticket, ids, what the client asked to see). While it runs, a
 watcher reads the ASGI `receive` channel: when the client disconnects, streaming or not, the call's
 sequences are cancelled at once and the response ends. Engine failures end the affected call with an
-error (a 500 body, or an `error` event in a stream), never the others. It knows the OpenAI shapes
+error saying what failed (a 500 body, or an `error` event in a stream: the exception's type and
+message, never its traceback), never the others. It knows the OpenAI shapes
 (through `responses`) and ASGI, not the model.
 """
 
@@ -18,11 +19,12 @@ from typing import Any
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from ..chat import parse_completion
-from .errors import APIError, error_body
+from .errors import error_body
 from .responses import ReplySplitter, Tokens, chat_message, envelope, finish_reason, tool_calls_openai, usage
 from .worker import Ticket
 
-ENGINE_FAILED = "generation failed inside the engine for this request; the server log has the traceback"
+ENGINE_FAILED = "generation failed inside the engine for this request"
+MAX_REASON_CHARS = 500
 
 
 @dataclass
@@ -49,6 +51,16 @@ class Call:
         return usage(sum(self.prompt_lens), out, reasoning, cached)
 
 
+def engine_failed(call: Call, seq_id: int) -> dict[str, Any]:
+    """The error body of a sequence that failed in the engine: what failed (the exception's type and
+    message, e.g. the tensor and shard a read failed on), never the traceback (that is in the log)."""
+    error = call.ticket.seqs[call.ticket.index[seq_id]].error
+    reason = f"{type(error).__name__}: {error}" if error is not None else "unknown error"
+    if len(reason) > MAX_REASON_CHARS:
+        reason = reason[: MAX_REASON_CHARS - 3] + "..."
+    return error_body(f"{ENGINE_FAILED}: {reason}", "server_error", None, "engine_error")
+
+
 async def _watch(receive, ticket: Ticket) -> None:
     """Cancel the ticket as soon as the client disconnects."""
     while True:
@@ -58,30 +70,25 @@ async def _watch(receive, ticket: Ticket) -> None:
             return
 
 
-async def _run(call: Call, receive) -> str:
-    """Wait until every sequence of the call ends: "ok", "gone" (client left) or "error"."""
+async def _gone_or_failed(call: Call, receive) -> Response | None:
+    """Wait until every sequence of the call ends; the response if it did not end well: 499 when the
+    client left, 500 with the engine's reason when a sequence failed, else None."""
     watcher = asyncio.ensure_future(_watch(receive, call.ticket))
     try:
         async for ev in call.ticket.events():
             if ev.finish_reason == "error":
-                return "error"
-        return "gone" if call.ticket.cancelled else "ok"
+                return JSONResponse(engine_failed(call, ev.seq_id), status_code=500)
+        if call.ticket.cancelled:
+            return Response(status_code=499)  # nobody reads it; counted as "client closed request"
+        return None
     finally:
         watcher.cancel()
         call.ticket.cancel()
 
 
-def _gone_or_failed(status: str) -> Response | None:
-    if status == "gone":
-        return Response(status_code=499)  # nobody reads it; counted as "client closed request"
-    if status == "error":
-        return APIError(500, ENGINE_FAILED, code="engine_error").response()
-    return None
-
-
 async def chat_response(call: Call, receive) -> Response:
     """The whole chat.completion body once every choice has finished."""
-    failed = _gone_or_failed(await _run(call, receive))
+    failed = await _gone_or_failed(call, receive)
     if failed is not None:
         return failed
     choices = []
@@ -97,7 +104,7 @@ async def chat_response(call: Call, receive) -> Response:
 
 async def completion_response(call: Call, receive) -> Response:
     """The whole text_completion body once every choice has finished."""
-    failed = _gone_or_failed(await _run(call, receive))
+    failed = await _gone_or_failed(call, receive)
     if failed is not None:
         return failed
     choices = []
@@ -115,7 +122,6 @@ def _sse(obj: dict[str, Any]) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-_ERROR_EVENT = _sse(error_body(ENGINE_FAILED, "server_error", None, "engine_error"))
 DONE = "data: [DONE]\n\n"
 
 
@@ -134,7 +140,7 @@ async def chat_chunks(call: Call) -> AsyncIterator[str]:
         yield chunk(i, {"role": "assistant", "content": ""})
     async for ev in call.ticket.events():
         if ev.finish_reason == "error":
-            yield _ERROR_EVENT
+            yield _sse(engine_failed(call, ev.seq_id))
             call.ticket.cancel()
             break
         i = call.ticket.index[ev.seq_id]
@@ -166,7 +172,7 @@ async def completion_chunks(call: Call) -> AsyncIterator[str]:
         yield chunk(i, prefix)
     async for ev in call.ticket.events():
         if ev.finish_reason == "error":
-            yield _ERROR_EVENT
+            yield _sse(engine_failed(call, ev.seq_id))
             call.ticket.cancel()
             break
         i = call.ticket.index[ev.seq_id]

@@ -7,8 +7,9 @@ request with `loop.call_soon_threadsafe`. Admission is bounded: at most `max_run
 sequences may be in flight, beyond that `submit` raises `QueueFull` instead of queueing.
 
 A forward pass that raises fails only the sequences that cause it: a step is atomic (a forward that
-raises leaves its states as they were), each sequence of that step is tried alone on a snapshot, and only those that fail alone end, with finish_reason
-"error".
+raises leaves its states as they were), each sequence of that step is tried alone on a snapshot, and
+only those that fail alone end, with finish_reason "error" and the exception in `Sequence.error` (its
+message reaches the client; the traceback goes to the log only).
 
 With a `PrefixCache`, the worker thread looks every new sequence's prompt up before it joins the
 scheduler (a hit restores the state and leaves only the rest of the prompt to feed), and after each
@@ -261,6 +262,7 @@ class Worker:
             by_state = {id(s.state): s for s in self._seqs.values()}
         fed = [(toks, by_state.get(id(st))) for toks, st in self._guard.fed]
         suspects = [s for _, s in fed if s is not None]
+        own: dict[int, Exception] = {}  # what each sequence raised when tried alone
         if not self._guard.forward_failed or not suspects:
             # failed outside the forward pass (states advanced, tokens half recorded): end what it touched
             bad = suspects or list(self.scheduler.running)
@@ -272,14 +274,16 @@ class Worker:
                 snap = s.state.snapshot()
                 try:
                     self.engine.step([toks], [s.state])
-                except Exception:
+                except Exception as e:
                     bad.append(s)
+                    own[s.id] = e
                 finally:
                     s.state.restore(snap)
             bad = bad or suspects  # fails only together (e.g. out of memory): end the whole step
         log.error("generation failed for sequence(s) %s", [s.id for s in bad], exc_info=exc)
         self.failures += len(bad)
         for s in bad:
+            s.error = own.get(s.id, exc)  # the reason its request is told
             try:
                 self.scheduler.cancel(s.id)
             except Exception:  # the sequence's own text state may be what broke
