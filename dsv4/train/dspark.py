@@ -257,7 +257,8 @@ def held_out_figures(draft, target, taps, tok, files, o: DSparkOptions) -> dict:
 
 def export_dspark(path: Path, backbone: Path, raw_cfg: dict, weights: dict[str, torch.Tensor]) -> Path:
     """A 0731-layout folder: the draft's tensors written here, the backbone's listed in its own shards
-    (relative paths from `path`), config.json and the backbone's tokenizer.json."""
+    (relative paths from `path`) and config.json; the tokenizer is the backbone's, found through the
+    index (`Tokenizer.from_dir`), so it is not copied."""
     if path.exists():
         shutil.rmtree(path)
     path.mkdir(parents=True)
@@ -266,7 +267,6 @@ def export_dspark(path: Path, backbone: Path, raw_cfg: dict, weights: dict[str, 
     shared = {name: f"{rel}/{fname}" for name, fname in index.items() if not name.startswith("mtp.")}
     tensors = {n: t.detach().clone() for n, t in weights.items()}
     write_checkpoint(path, raw_cfg, tensors, shards=1, shared=shared)
-    shutil.copy(backbone / "tokenizer.json", path / "tokenizer.json")
     return path
 
 
