@@ -331,6 +331,7 @@ class Attention(nn.Module):
         self.rope_kind = "compress" if ratio else "main"
         self.n_heads, self.hd, self.rd, self.window = cfg.n_heads, cfg.head_dim, cfg.rope_head_dim, cfg.window_size
         self.groups, self.eps, self.numerics, self.ratio = cfg.o_groups, cfg.norm_eps, numerics, ratio
+        self._fused = None  # the fused decode ops' arguments, once built (`_fused_args`)
 
     def new_state(self, device, max_rollback: int = DEFAULT_MAX_ROLLBACK) -> LayerState:
         span = self.window - 1  # window positions a query sees besides its own
@@ -340,6 +341,51 @@ class Attention(nn.Module):
         if self.indexer is not None:
             st.index = self.indexer.compressor.new_state(device, max_rollback)
         return st
+
+    def project(self, x: torch.Tensor, positions: torch.Tensor, cos_sin):
+        """Every token's projections: x [T, D] -> q [T, H, hd], kv [T, hd], the compressor's rows
+        (None without one), the indexer's (queries, head weights, compressor rows) (None without one)."""
+        args = self._fused_args(x)
+        if args is None:
+            return self.project_torch(x, positions, cos_sin)
+        qr, q, kv, comp, iq, iw, irows = kernels.fused(x).attn_project(x, *cos_sin, positions, *args[0])
+        return q, kv, comp if self.compressor is not None else None, (iq, iw, irows) if self.indexer is not None else None
+
+    def project_torch(self, x: torch.Tensor, positions: torch.Tensor, cos_sin):
+        """The reference `project`."""
+        qr, q = self.queries(x, cos_sin)
+        kv = self.keys(x, cos_sin)
+        comp = self.compressor.project(x, positions) if self.compressor is not None else None
+        index = None
+        if self.indexer is not None:
+            index = (*self.indexer.queries(x, qr, cos_sin), self.indexer.compressor.project(x, positions))
+        return q, kv, comp, index
+
+    def _fused_args(self, x: torch.Tensor):
+        """The layer's weights as the fused decode ops take them ((project args), (output args)), when
+        they take x [T, ...] (a few rows, exact numerics, weight formats they know); else None."""
+        if x.shape[0] > ops.GEMV_ROWS or self.numerics.released or kernels.fused(x) is None:
+            return None
+        if self._fused is None:  # built once; `_apply` (.to(), .float(), ...) drops it
+            lins = [self.wq_a.w, self.wq_b.w, self.wkv.w] + ([self.indexer.wq_b.w] if self.indexer is not None else [])
+            ok = all(type(w) in ops.KIND for w in [*lins, self.wo_b.w]) and ops.grouped_fuses(self.wo_a.w, x.dtype, self.groups)
+            vec = [self.q_norm, self.kv_norm]
+            for c in (self.compressor, self.indexer):
+                if c is self.indexer and c is not None:
+                    vec.append(c.weights_proj)
+                    c = c.compressor
+                if c is not None:
+                    vec += [c.wkv, c.wgate, c.ape]
+            ok = ok and all(not t.requires_grad for t in vec)
+            scale = self.indexer.hd**-0.5 * self.indexer.n_heads**-0.5 if self.indexer is not None else 1.0
+            dims = [self.n_heads, self.indexer.n_heads, self.indexer.hd] if self.indexer is not None else [self.n_heads, 0, 0]
+            self._fused = (([ops.weight_parts(w) for w in lins], vec, dims, self.eps, scale),
+                           (ops.weight_parts(self.wo_a.w), ops.weight_parts(self.wo_b.w), self.groups)) if ok else False  # fmt: skip
+        return self._fused or None
+
+    def _apply(self, fn, recurse=True):
+        self._fused = None
+        return super()._apply(fn, recurse)
 
     def queries(self, x: torch.Tensor, cos_sin) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, D] -> the low-rank query qr [T, q_lora_rank] and the heads q [T, H, hd] (normed, RoPE'd)."""
@@ -355,18 +401,20 @@ class Attention(nn.Module):
     def output(self, o: torch.Tensor, cos_sin) -> torch.Tensor:
         """Attention output o [T, H, hd] -> [T, D]: undo the values' RoPE at the query position, then the
         grouped wo_a and wo_b."""
+        args = self._fused_args(o)
+        if args is not None:
+            return kernels.fused(o).attn_output(o, *cos_sin, *args[1])
+        return self.output_torch(o, cos_sin)
+
+    def output_torch(self, o: torch.Tensor, cos_sin) -> torch.Tensor:
+        """The reference `output`."""
         o = ops.rope(o, *cos_sin, inverse=True)
         o = ops.grouped_linear(o.flatten(1).unflatten(1, (self.groups, -1)), self.wo_a.w, self.groups)
         return self.wo_b(o.flatten(1))
 
     def forward(self, x: torch.Tensor, batch: Batch, states: list[LayerState], rope: Rope) -> torch.Tensor:
         cos_sin = batch.rope[self.rope_kind]
-        qr, q = self.queries(x, cos_sin)  # [T, H, hd]
-        kv = self.keys(x, cos_sin)  # [T, hd]
-        comp = self.compressor.project(x, batch.positions) if self.compressor is not None else None
-        index = None
-        if self.indexer is not None:
-            index = (*self.indexer.queries(x, qr, cos_sin), self.indexer.compressor.project(x, batch.positions))
+        q, kv, comp, index = self.project(x, batch.positions, cos_sin)
         outs = []
         for (a, b), pos, st in zip(batch.segments, batch.starts, states, strict=True):
             seg = slice(a, b)

@@ -19,13 +19,19 @@ import torch.nn.functional as F
 from . import kernels
 from .quant import MXFP4, Dense, FP8Block, Weight
 
-_GEMV_ROWS = 4  # up to this many rows of x (decode), the kernels' GEMVs and fused decode ops take a call
+GEMV_ROWS = 4  # up to this many rows of x (decode), the kernels' GEMVs and fused decode ops take a call
+KIND = {Dense: 0, FP8Block: 1, MXFP4: 2}  # the fused ops' weight-format codes
+
+
+def weight_parts(w: Weight) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """A weight as the fused ops take it: format code, values, scales (a Dense weight repeats itself)."""
+    return KIND[type(w)], w.weight, w.weight if isinstance(w, Dense) else w.scale
 
 
 def linear(x: torch.Tensor, w: Weight) -> torch.Tensor:
     """y = x @ W^T for any weight format; returns x's dtype (quantized formats accumulate in fp32)."""
     if isinstance(w, Dense):
-        if x.dtype == w.weight.dtype and x.dim() == 2 and x.shape[0] <= _GEMV_ROWS:
+        if x.dtype == w.weight.dtype and x.dim() == 2 and x.shape[0] <= GEMV_ROWS:
             ext = kernels.fused(x, w.weight)
             if ext is not None:  # decode: stream the matrix once (torch's GEMVs are far slower)
                 return ext.dense_linear(x, w.weight)
@@ -39,14 +45,15 @@ def linear(x: torch.Tensor, w: Weight) -> torch.Tensor:
 
 def grouped_linear(x: torch.Tensor, w: Weight, groups: int) -> torch.Tensor:
     """Block-diagonal projection: x `[T, G, in]`, W `[G*out, in]` -> `[T, G, out]` (group g uses rows g)."""
+    fuses = x.shape[0] <= GEMV_ROWS and grouped_fuses(w, x.dtype, groups)
+    ext = kernels.fused(x, w.weight if isinstance(w, Dense) else None) if fuses else None
+    if ext is not None:  # decode: the per-group products in one call
+        return ext.grouped_linear(x, *weight_parts(w), groups)
     if isinstance(w, Dense):
         wg = w.weight.to(x.dtype).view(groups, -1, x.shape[-1])
         return torch.einsum("tgi,goi->tgo", x, wg)
     rows = w.shape[0] // groups
     if isinstance(w, FP8Block) and rows % 128 == 0:  # slice whole scale blocks: no dequantization
-        ext = kernels.fused(x) if x.shape[0] <= _GEMV_ROWS else None
-        if ext is not None:  # decode: the same per-group products in one call
-            return ext.grouped_linear(x, *_parts(w), groups)
         step = rows // 128
         parts = [
             linear(x[:, g], FP8Block(w.weight[g * rows : (g + 1) * rows], w.scale[g * step : (g + 1) * step]))
@@ -54,6 +61,14 @@ def grouped_linear(x: torch.Tensor, w: Weight, groups: int) -> torch.Tensor:
         ]
         return torch.stack(parts, dim=1)
     return grouped_linear(x, Dense(w.dequantize(x.dtype)), groups)
+
+
+def grouped_fuses(w: Weight, dtype: torch.dtype, groups: int) -> bool:
+    """Whether `grouped_linear` of a few rows takes the fused op: a Dense weight in x's dtype, or FP8
+    groups of whole scale blocks (the formats whose reference is one product per group)."""
+    if isinstance(w, Dense):
+        return w.weight.dtype == dtype
+    return isinstance(w, FP8Block) and (w.shape[0] // groups) % 128 == 0
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -118,10 +133,10 @@ def expert_mlp(x: torch.Tensor, w1: Weight, w2: Weight, w3: Weight, limit: float
                acc: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """One SwiGLU expert, `w2(swiglu(w1 x, w3 x) * scale)`; scale `[T, 1]` is the router weight.
     With `acc` (fp32 `[T, D]`), the output is added into it in place and `acc` is returned."""
-    if x.dim() == 2 and x.shape[0] <= _GEMV_ROWS:  # decode: one fused call instead of ~30 small ops
+    if x.dim() == 2 and x.shape[0] <= GEMV_ROWS:  # decode: one fused call instead of ~30 small ops
         ext = kernels.fused(x, scale, acc)
-        if ext is not None and all(_KIND.get(type(w)) is not None for w in (w1, w2, w3)):
-            return ext.expert_mlp(x, *_parts(w1), *_parts(w3), *_parts(w2), limit, scale, acc)
+        if ext is not None and all(KIND.get(type(w)) is not None for w in (w1, w2, w3)):
+            return ext.expert_mlp(x, *weight_parts(w1), *weight_parts(w3), *weight_parts(w2), limit, scale, acc)
     return expert_mlp_torch(x, w1, w2, w3, limit, scale, acc)
 
 
@@ -135,12 +150,6 @@ def expert_mlp_torch(x: torch.Tensor, w1: Weight, w2: Weight, w3: Weight, limit:
     return out if acc is None else acc.add_(out.float())
 
 
-_KIND = {Dense: 0, FP8Block: 1, MXFP4: 2}  # the fused ops' weight-format codes
-
-
-def _parts(w: Weight) -> tuple[int, torch.Tensor, torch.Tensor]:
-    """A weight as the fused ops take it: format code, values, scales (a Dense weight repeats itself)."""
-    return _KIND[type(w)], w.weight, w.weight if isinstance(w, Dense) else w.scale
 
 
 def decode_attention(q: torch.Tensor, keys: list[torch.Tensor], sink: torch.Tensor, scale: float) -> torch.Tensor:

@@ -143,10 +143,13 @@ def test_dense_gemv(dtype, rows):
 @needs_compiled
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", [1, 3])
-def test_grouped_linear(dtype, rows, monkeypatch):
-    from dsv4.quant import FP8Block, quantize_fp8_block
+@pytest.mark.parametrize("fmt", ["fp8", "dense"])
+def test_grouped_linear(dtype, rows, fmt, monkeypatch):
+    from dsv4.quant import Dense, FP8Block, quantize_fp8_block
 
     w = FP8Block(*quantize_fp8_block(rand(4 * 128, 96, seed=1)))
+    if fmt == "dense":
+        w = Dense(w.dequantize(dtype))
     x = rand(rows, 4, 96, dtype=dtype, seed=2)
     y = ops.grouped_linear(x, w, 4)
     monkeypatch.setattr(kernels, "fused", lambda *t: None)  # the per-group products, one call each
@@ -206,3 +209,32 @@ def test_expert_mlp(fmt, dtype, rows):
         assert out is acc  # added in place
         torch.testing.assert_close(acc, ops.expert_mlp_torch(x, w1, w2, w3, limit, route, acc=ref),
                                    rtol=1e-5, atol=2e-2 if dtype == torch.bfloat16 else 1e-5)  # fmt: skip
+
+
+@needs_compiled
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T", [1, 3])
+def test_attention_projections(tmp_path, dtype, T):
+    """An attention layer's projections and output projection for a few rows (one fused call each)
+    against the reference, for a sliding, a CSA and an HCA layer, in the checkpoint's formats (wo_a
+    groups of whole FP8 blocks, as released)."""
+    from release_writer import write_release
+
+    write_release(tmp_path, {**CONFIGS["flash"], "o_lora_rank": 128}, draft=None)
+    model = dsv4.load(tmp_path, dtype=dtype).model
+    x, o = rand(T, CFG.dim, dtype=dtype, seed=1), rand(T, CFG.n_heads, CFG.head_dim, dtype=dtype, seed=2)
+    positions = torch.arange(5, 5 + T)
+    for i, layer in enumerate(model.layers):
+        attn = layer.attn
+        cos_sin = model.ropes[attn.rope_kind](positions)
+        got, ref = attn.project(x, positions, cos_sin), attn.project_torch(x, positions, cos_sin)
+        assert attn._fused_args(x) is not None, f"layer {i}: the fused ops should take this layer"
+        for g, r in zip(got, ref, strict=True):
+            if g is None or r is None:
+                assert g is r is None
+            elif isinstance(g, tuple):
+                for a, b in zip(g, r, strict=True):
+                    agree(a, b)
+            else:
+                agree(g, r)
+        agree(attn.output(o, cos_sin), attn.output_torch(o, cos_sin))

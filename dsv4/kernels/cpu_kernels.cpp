@@ -424,6 +424,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sink_decode", &fused::sink_decode, "one query's attention over shared K=V rows with a sink per head");
   m.def("index_top", &fused::index_top, "the lightning indexer's top-k entries for one query");
   m.def("grouped_linear", &fused::grouped_linear, "block-diagonal projection of a few rows, any weight format");
+  m.def("attn_project", &fused::attn_project, "an attention layer's projections for a few rows");
+  m.def("attn_output", &fused::attn_output, "an attention layer's output projection for a few rows");
   m.def("expert_mlp", &fused::expert_mlp, "one SwiGLU expert for a few rows, optionally added into an fp32 sum");
   m.def("route", &fused::route, "router scores, top-k (or hashed ids) and normalized weights");
   m.def("mxfp4_linear", &mxfp4_linear, "y = x @ dequant_mxfp4(w, s).T, fp32 accumulation");

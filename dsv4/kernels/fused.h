@@ -451,7 +451,7 @@ inline torch::Tensor linear_any(const torch::Tensor& x, int64_t kind, const torc
   if (kind == 1) return ::fp8_linear(x, w, s, kDecode, false);
   if (kind == 2) return ::mxfp4_linear(x, w, s, kDecode, false);
   TORCH_CHECK(kind == 0, "expert_mlp: weight kind 0 (dense), 1 (FP8) or 2 (MXFP4), got ", kind);
-  if (x.scalar_type() == torch::kBFloat16 && w.scalar_type() == torch::kBFloat16) return dense_linear(x, w);
+  if (x.scalar_type() == w.scalar_type()) return dense_linear(x, w);
   return at::linear(x, w.to(x.scalar_type()));
 }
 
@@ -473,6 +473,67 @@ torch::Tensor grouped_linear(const torch::Tensor& x, int64_t kind, const torch::
     parts.push_back(linear_any(x.select(1, g), kind, wg, sg));
   }
   return at::stack(parts, 1);
+}
+
+// ---- an attention layer's per-token work, for a few rows ----
+// A weight as the ops below take it: (format code as in linear_any, values, scales).
+using Lin = std::tuple<int64_t, torch::Tensor, torch::Tensor>;
+
+inline torch::Tensor linear_of(const torch::Tensor& x, const Lin& w) {
+  return linear_any(x, std::get<0>(w), std::get<1>(w), std::get<2>(w));
+}
+
+// A compressor's rows [M, 2C] = [x wkv | x wgate + ape[position % ratio]] in fp32
+// (Compressor.project); wkv, wgate [C, D] and ape [ratio, C] fp32.
+inline torch::Tensor compressor_rows(const torch::Tensor& xf, const torch::Tensor& wkv, const torch::Tensor& wgate,
+                                     const torch::Tensor& ape, const torch::Tensor& positions) {
+  const int64_t ratio = ape.size(0);
+  const auto gate = dense_linear(xf, wgate) + ape.index_select(0, positions.remainder(ratio));
+  return at::cat({dense_linear(xf, wkv), gate}, -1);
+}
+
+// Attention.project for a few rows: x [M, D] -> {qr [M, q_lora], q [M, H, hd] (normed, RoPE'd),
+// kv [M, hd] (normed, RoPE'd), the compressor's rows [M, 2C], the indexer's queries [M, Hi, hdi],
+// head weights [M, Hi] (fp32, times w_scale) and compressor rows [M, 2Ci]}; the last four are
+// empty tensors where the layer has no compressor / indexer.
+// lin: wq_a, wq_b, wkv [, the indexer's wq_b]. vec: q_norm, kv_norm [, compressor wkv, wgate, ape
+// [, indexer weights_proj, compressor wkv, wgate, ape]]. dims: H, Hi, hdi.
+std::vector<torch::Tensor> attn_project(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
+                                        const torch::Tensor& positions, const std::vector<Lin>& lin,
+                                        const std::vector<torch::Tensor>& vec, const std::vector<int64_t>& dims,
+                                        double eps, double w_scale) {
+  check_float(x, "attn_project x");
+  TORCH_CHECK(x.dim() == 2 && lin.size() >= 3 && vec.size() >= 2 && dims.size() == 3,
+              "attn_project: x [M, D], lin [wq_a, wq_b, wkv (, indexer wq_b)], vec [q_norm, kv_norm, ...], dims [H, Hi, hdi]");
+  const int64_t M = x.size(0);
+  const auto qr = norm_rope(linear_of(x, lin[0]), vec[0], eps, c10::nullopt, c10::nullopt, false);
+  const auto qh = linear_of(qr, lin[1]);
+  const auto q = norm_rope(qh.view({M, dims[0], -1}), c10::nullopt, eps, cos, sin, false);
+  const auto kv = norm_rope(linear_of(x, lin[2]), vec[1], eps, cos, sin, false);
+  torch::Tensor comp = torch::empty({0}), iq = comp, iw = comp, irows = comp;
+  if (vec.size() >= 5) {
+    const auto xf = x.to(torch::kFloat);
+    comp = compressor_rows(xf, vec[2], vec[3], vec[4], positions);
+    if (vec.size() == 9 && lin.size() == 4) {
+      iq = norm_rope(linear_of(qr, lin[3]).view({M, dims[1], dims[2]}), c10::nullopt, -1.0, cos, sin, false);
+      iw = dense_linear(x, vec[5]).to(torch::kFloat).mul_(w_scale);
+      irows = compressor_rows(xf, vec[6], vec[7], vec[8], positions);
+    }
+  }
+  return {qr, q, kv, comp, iq, iw, irows};
+}
+
+// Attention.output for a few rows: o [M, H, hd] -> undo the values' RoPE at the query position,
+// the grouped wo_a (groups), then wo_b: [M, D].
+torch::Tensor attn_output(const torch::Tensor& o, const torch::Tensor& cos, const torch::Tensor& sin, const Lin& wo_a,
+                          const Lin& wo_b, int64_t groups) {
+  check_float(o, "attn_output o");
+  TORCH_CHECK(o.dim() == 3, "attn_output: o [M, H, hd], got ", o.sizes());
+  const int64_t M = o.size(0);
+  const auto r = norm_rope(o, c10::nullopt, -1.0, cos, sin, true);
+  const auto g = grouped_linear(r.reshape({M, groups, -1}), std::get<0>(wo_a), std::get<1>(wo_a),
+                                std::get<2>(wo_a), groups);
+  return linear_of(g.reshape({M, -1}), wo_b);
 }
 
 // One SwiGLU expert for a few rows of x [M, D] (ops.expert_mlp): h = silu(min(w1 x, limit)) *
