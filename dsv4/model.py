@@ -557,15 +557,15 @@ class MoE(nn.Module):
         for i in range(0, len(used), group):
             chunk = used[i : i + group]
             got = self.experts.get(chunk)
-            for e in chunk:  # a fixed order: the sum must not depend on where experts came from
-                w1, w2, w3 = got[e]
-                if one:
-                    k = slot_of[e]
-                    y = ops.expert_mlp(x, w1, w2, w3, self.limit, weights[:, k : k + 1], acc=y)
-                    continue
-                rows, slot = torch.where(ids == e)
-                out = ops.expert_mlp(x[rows], w1, w2, w3, self.limit, weights[rows, slot, None])
-                y = y.index_add(0, rows, out.float())
+            # a fixed order: the sum must not depend on where experts came from
+            if one:  # the chunk in one fused call
+                y = ops.experts_sum(x, [got[e] for e in chunk], self.limit, weights, [slot_of[e] for e in chunk], y)
+            else:
+                for e in chunk:
+                    w1, w2, w3 = got[e]
+                    rows, slot = torch.where(ids == e)
+                    out = ops.expert_mlp(x[rows], w1, w2, w3, self.limit, weights[rows, slot, None])
+                    y = y.index_add(0, rows, out.float())
             del got
         return y
 

@@ -135,9 +135,26 @@ def expert_mlp(x: torch.Tensor, w1: Weight, w2: Weight, w3: Weight, limit: float
     With `acc` (fp32 `[T, D]`), the output is added into it in place and `acc` is returned."""
     if x.dim() == 2 and x.shape[0] <= GEMV_ROWS:  # decode: one fused call instead of ~30 small ops
         ext = kernels.fused(x, scale, acc)
-        if ext is not None and all(KIND.get(type(w)) is not None for w in (w1, w2, w3)):
-            return ext.expert_mlp(x, *weight_parts(w1), *weight_parts(w3), *weight_parts(w2), limit, scale, acc)
+        if ext is not None and all(type(w) in KIND for w in (w1, w2, w3)):
+            return ext.expert_mlp(x, weight_parts(w1), weight_parts(w2), weight_parts(w3), limit, scale, acc)
     return expert_mlp_torch(x, w1, w2, w3, limit, scale, acc)
+
+
+def experts_sum(x: torch.Tensor, experts: list[tuple[Weight, Weight, Weight]], limit: float, route: torch.Tensor,
+                slots: list[int | None], acc: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """`acc` (fp32 `[T, D]`, zeros when None) plus each expert's `expert_mlp` output, in list order,
+    expert i scaled by `route[:, slots[i]]` (`route` `[T, K]` fp32; unscaled where the slot is None).
+    One fused call for a decode token's experts where the kernels take it."""
+    if x.dim() == 2 and x.shape[0] <= GEMV_ROWS:
+        ext = kernels.fused(x, route, acc)
+        if ext is not None and all(type(w) in KIND for ws in experts for w in ws):
+            parts = [tuple(weight_parts(w) for w in ws) for ws in experts]
+            return ext.experts_sum(x, parts, [-1 if s is None else s for s in slots], route, limit, acc)
+    for (w1, w2, w3), s in zip(experts, slots, strict=True):
+        scale = None if s is None else route[:, s : s + 1]
+        out = expert_mlp_torch(x, w1, w2, w3, limit, scale).float()
+        acc = out if acc is None else acc.add_(out)
+    return acc
 
 
 def expert_mlp_torch(x: torch.Tensor, w1: Weight, w2: Weight, w3: Weight, limit: float,

@@ -201,14 +201,24 @@ def test_expert_mlp(fmt, dtype, rows):
 
     w1, w3, w2 = weight(192, 256, 1), weight(192, 256, 2), weight(256, 192, 3)
     x, route = rand(rows, 256, dtype=dtype, seed=4), rand(rows, 1, seed=5).abs()
+    tol = dict(rtol=1e-5, atol=2e-2 if dtype == torch.bfloat16 else 1e-5)  # fp32 sums of outputs that agree()
     for limit in (0.0, 0.5):
         y = ops.expert_mlp(x, w1, w2, w3, limit, route)
         agree(y, ops.expert_mlp_torch(x, w1, w2, w3, limit, route))
         acc, ref = rand(rows, 256, seed=6), rand(rows, 256, seed=6)
         out = ops.expert_mlp(x, w1, w2, w3, limit, route, acc=acc)
         assert out is acc  # added in place
-        torch.testing.assert_close(acc, ops.expert_mlp_torch(x, w1, w2, w3, limit, route, acc=ref),
-                                   rtol=1e-5, atol=2e-2 if dtype == torch.bfloat16 else 1e-5)  # fmt: skip
+        torch.testing.assert_close(acc, ops.expert_mlp_torch(x, w1, w2, w3, limit, route, acc=ref), **tol)
+        # several experts summed in list order, one unscaled (the shared one), from zeros or onto acc
+        routes, other = rand(rows, 3, seed=7), (w3, w2, w1)
+        experts, slots = [(w1, w2, w3), other, (w1, w2, w3)], [None, 2, 0]
+        total = ops.experts_sum(x, experts, limit, routes, slots)
+        ref = torch.zeros(rows, 256)
+        for (a, b, c), s in zip(experts, slots, strict=True):
+            ref += ops.expert_mlp_torch(x, a, b, c, limit, None if s is None else routes[:, s : s + 1]).float()
+        torch.testing.assert_close(total, ref, **tol)
+        acc = rand(rows, 256, seed=8)
+        assert ops.experts_sum(x, experts, limit, routes, slots, acc.clone()).sub(acc).sub(ref).abs().max() < 3e-2
 
 
 @needs_compiled

@@ -426,6 +426,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("grouped_linear", &fused::grouped_linear, "block-diagonal projection of a few rows, any weight format");
   m.def("attn_project", &fused::attn_project, "an attention layer's projections for a few rows");
   m.def("attn_output", &fused::attn_output, "an attention layer's output projection for a few rows");
+  m.def("experts_sum", &fused::experts_sum, "several SwiGLU experts for a few rows, summed in fp32");
   m.def("expert_mlp", &fused::expert_mlp, "one SwiGLU expert for a few rows, optionally added into an fp32 sum");
   m.def("route", &fused::route, "router scores, top-k (or hashed ids) and normalized weights");
   m.def("mxfp4_linear", &mxfp4_linear, "y = x @ dequant_mxfp4(w, s).T, fp32 accumulation");

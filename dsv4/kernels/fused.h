@@ -537,27 +537,20 @@ torch::Tensor attn_output(const torch::Tensor& o, const torch::Tensor& cos, cons
 }
 
 // One SwiGLU expert for a few rows of x [M, D] (ops.expert_mlp): h = silu(min(w1 x, limit)) *
-// clamp(w3 x, -limit, limit) in fp32 (no clamping when limit <= 0), times route [M, 1] when given,
-// rounded to x's dtype; out = w2 h in x's dtype. With `acc` (fp32 [M, D']) the output is added into
-// it in place (MoE: y = y + out.float()) and `acc` is returned.
-torch::Tensor expert_mlp(const torch::Tensor& x, int64_t k1, const torch::Tensor& w1, const torch::Tensor& s1,
-                         int64_t k3, const torch::Tensor& w3, const torch::Tensor& s3, int64_t k2,
-                         const torch::Tensor& w2, const torch::Tensor& s2, double limit_d,
-                         const c10::optional<torch::Tensor>& route_in, const c10::optional<torch::Tensor>& acc) {
-  check_float(x, "expert_mlp x");
-  TORCH_CHECK(x.dim() == 2, "expert_mlp: x [M, D], got ", x.sizes());
-  const auto g = linear_any(x, k1, w1, s1).to(torch::kFloat).contiguous();
-  const auto u = linear_any(x, k3, w3, s3).to(torch::kFloat).contiguous();
+// clamp(w3 x, -limit, limit) in fp32 (no clamping when limit <= 0), times route[:, slot] when
+// slot >= 0, rounded to x's dtype; returns w2 h in x's dtype.
+inline torch::Tensor expert_out(const torch::Tensor& x, const Lin& w1, const Lin& w2, const Lin& w3, double limit_d,
+                                const torch::Tensor& route, int64_t slot) {
+  const auto g = linear_of(x, w1).to(torch::kFloat).contiguous();
+  const auto u = linear_of(x, w3).to(torch::kFloat).contiguous();
   TORCH_CHECK(g.sizes() == u.sizes(), "expert_mlp: w1 and w3 give ", g.sizes(), " and ", u.sizes());
   const int64_t M = g.size(0), F = g.size(1);
-  torch::Tensor route;
-  if (route_in.has_value()) {
-    route = route_in->to(torch::kFloat).contiguous();
-    TORCH_CHECK(route.numel() == M, "expert_mlp: route weights [", M, ", 1], got ", route.sizes());
-  }
+  TORCH_CHECK(slot < 0 || (route.dim() == 2 && route.size(0) == M && slot < route.size(1) &&
+                           route.scalar_type() == torch::kFloat && route.is_contiguous()),
+              "expert_mlp: route weights fp32 [", M, ", K] with column ", slot, ", got ", route.sizes());
   auto h = torch::empty({M, F}, g.options());
   const float *G = g.data_ptr<float>(), *U = u.data_ptr<float>();
-  const float* R = route.defined() ? route.data_ptr<float>() : nullptr;
+  const float* R = slot >= 0 ? route.data_ptr<float>() : nullptr;
   float* Hd = h.data_ptr<float>();
   const float limit = static_cast<float>(limit_d);
   for (int64_t m = 0; m < M; ++m)
@@ -567,18 +560,53 @@ torch::Tensor expert_mlp(const torch::Tensor& x, int64_t k1, const torch::Tensor
         a = std::min(a, limit);
         b = std::min(std::max(b, -limit), limit);
       }
-      float v = a / (1.f + std::exp(-a)) * b;
-      Hd[m * F + f] = R ? v * R[m] : v;
+      const float v = a / (1.f + std::exp(-a)) * b;
+      Hd[m * F + f] = R ? v * R[m * route.size(1) + slot] : v;
     }
-  auto out = linear_any(h.to(x.scalar_type()), k2, w2, s2);
-  if (!acc.has_value()) return out;
-  TORCH_CHECK(acc->scalar_type() == torch::kFloat && acc->is_contiguous() && acc->sizes() == out.sizes(),
-              "expert_mlp: acc fp32 contiguous ", out.sizes(), ", got ", acc->sizes());
+  return linear_of(h.to(x.scalar_type()), w2);
+}
+
+// acc (fp32, contiguous) += out, in place.
+inline void add_into(torch::Tensor& acc, const torch::Tensor& out) {
+  TORCH_CHECK(acc.scalar_type() == torch::kFloat && acc.is_contiguous() && acc.sizes() == out.sizes(),
+              "expert sum: acc fp32 contiguous ", out.sizes(), ", got ", acc.sizes(), " ", acc.scalar_type());
   const auto of = out.to(torch::kFloat).contiguous();
-  float* A = acc->data_ptr<float>();
+  float* A = acc.data_ptr<float>();
   const float* Od = of.data_ptr<float>();
   for (int64_t i = 0; i < of.numel(); ++i) A[i] += Od[i];
+}
+
+// One expert (weights w1, w2, w3); route [M, 1] fp32 or none. With `acc` (fp32 [M, D']) the output
+// is added into it in place and `acc` is returned (MoE: y = y + out.float()), else the output.
+torch::Tensor expert_mlp(const torch::Tensor& x, const Lin& w1, const Lin& w2, const Lin& w3, double limit,
+                         const c10::optional<torch::Tensor>& route_in, c10::optional<torch::Tensor> acc) {
+  check_float(x, "expert_mlp x");
+  TORCH_CHECK(x.dim() == 2, "expert_mlp: x [M, D], got ", x.sizes());
+  const auto route = route_in.has_value() ? route_in->to(torch::kFloat).contiguous() : torch::Tensor();
+  auto out = expert_out(x, w1, w2, w3, limit, route, route.defined() ? 0 : -1);
+  if (!acc.has_value()) return out;
+  add_into(*acc, out);
   return *acc;
+}
+
+// Several experts for a few rows, summed in list order into fp32: acc (zeros when not given) +=
+// expert_i(x) scaled by route[:, slots[i]] (unscaled where slots[i] < 0: the shared expert).
+// One call for a decode token's MoE (MoE.add_experts).
+torch::Tensor experts_sum(const torch::Tensor& x, const std::vector<std::tuple<Lin, Lin, Lin>>& experts,
+                          const std::vector<int64_t>& slots, const torch::Tensor& route_in, double limit,
+                          c10::optional<torch::Tensor> acc_in) {
+  check_float(x, "experts_sum x");
+  TORCH_CHECK(x.dim() == 2 && experts.size() == slots.size(), "experts_sum: x [M, D] and a slot per expert");
+  const auto route = route_in.to(torch::kFloat).contiguous();
+  torch::Tensor acc = acc_in.has_value() ? *acc_in : torch::Tensor();
+  for (size_t i = 0; i < experts.size(); ++i) {
+    const auto& [w1, w2, w3] = experts[i];
+    const auto out = expert_out(x, w1, w2, w3, limit, route, slots[i]);
+    if (!acc.defined()) acc = torch::zeros(out.sizes(), out.options().dtype(torch::kFloat));
+    add_into(acc, out);
+  }
+  TORCH_CHECK(acc.defined(), "experts_sum: no experts and no acc");
+  return acc;
 }
 
 }  // namespace fused
