@@ -544,7 +544,7 @@ class MoE(nn.Module):
         used = sorted(set(ids.flatten().tolist()))
         # start reading the next layer's likely experts while this one computes
         self.experts.prefetch_next(x, tokens, used, self.next_moe)
-        y = ops.expert_mlp(x, *self.shared.weights(), self.limit).float()
+        y = ops.experts_sum(x, [self.shared.weights()], self.limit, weights, [None])  # fp32
         return self.add_routed(y, x, weights, ids, used).to(x.dtype)
 
     def add_routed(self, y: torch.Tensor, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,

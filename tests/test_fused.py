@@ -211,6 +211,8 @@ def test_expert_mlp(fmt, dtype, rows):
         torch.testing.assert_close(acc, ops.expert_mlp_torch(x, w1, w2, w3, limit, route, acc=ref), **tol)
         # several experts summed in list order, one unscaled (the shared one), from zeros or onto acc
         routes, other = rand(rows, 3, seed=7), (w3, w2, w1)
+        if fmt == "dense":  # a strided weight: the tensor path inside the fused call
+            other = (w3, Dense(w2.weight.t().contiguous().t()), w1)
         experts, slots = [(w1, w2, w3), other, (w1, w2, w3)], [None, 2, 0]
         total = ops.experts_sum(x, experts, limit, routes, slots)
         ref = torch.zeros(rows, 256)

@@ -68,11 +68,8 @@ constexpr const char* kIsa = "avx2";
 // Full chunks go through the ISA's gather_chunk; the scalar loop only does the tail chunk.
 // Serial: cheap next to the matmul, and a parallel region costs a barrier.
 template <int64_t Chunk, int64_t (*Src)(int64_t)>
-torch::Tensor permute_x(const torch::Tensor& x) {
-  const int64_t M = x.size(0), in = x.size(1), kp = ceil_div(in, Chunk) * Chunk;
-  auto out = torch::empty({M, kp}, x.options());
-  const float* xs = x.data_ptr<float>();
-  float* xp = out.data_ptr<float>();
+void permute_into(const float* xs, int64_t M, int64_t in, float* xp) {
+  const int64_t kp = ceil_div(in, Chunk) * Chunk;
   alignas(64) int32_t idx[Chunk];
   for (int64_t p = 0; p < Chunk; ++p) idx[p] = static_cast<int32_t>(Src(p));
   for (int64_t m = 0; m < M; ++m) {
@@ -83,6 +80,13 @@ torch::Tensor permute_x(const torch::Tensor& x) {
     for (; c < kp; c += Chunk)
       for (int64_t p = 0; p < Chunk; ++p) dst[c + p] = c + idx[p] < in ? src[c + idx[p]] : 0.f;
   }
+}
+
+template <int64_t Chunk, int64_t (*Src)(int64_t)>
+torch::Tensor permute_x(const torch::Tensor& x) {
+  const int64_t M = x.size(0), in = x.size(1), kp = ceil_div(in, Chunk) * Chunk;
+  auto out = torch::empty({M, kp}, x.options());
+  permute_into<Chunk, Src>(x.data_ptr<float>(), M, in, out.data_ptr<float>());
   return out;
 }
 
@@ -198,19 +202,18 @@ bool is_byte(const torch::Tensor& t) {
          st == at::ScalarType::Float8_e4m3fn;
 }
 
-// The MXFP4 decode driver: tiles of kTileRows weight rows across threads, y [M, out_f] fp32.
-// row(g, r, m0, c0, c1, pf, y + m0 * out_f + r) adds weight row r's part for x rows m0..m0+g-1.
+// The MXFP4 decode driver: tiles of kTileRows weight rows across threads, into yd [M, out_f] fp32
+// (zeroed by the caller). row(g, r, m0, c0, c1, pf, yd + m0 * out_f + r) adds weight row r's part
+// for x rows m0..m0+g-1. The decode paths below write into a caller's buffer (`decode_into` runs
+// them without a tensor), their tensor entry points allocate it.
 template <class RowFn>
-torch::Tensor mx_decode_rows(int64_t in, int64_t out_f, int64_t M, int64_t kp, RowFn&& row) {
-  auto y = torch::zeros({M, out_f}, torch::kFloat);
-  float* yd = y.data_ptr<float>();
+void mx_decode_rows(int64_t in, int64_t out_f, int64_t M, int64_t kp, float* yd, RowFn&& row) {
   at::parallel_for(0, ceil_div(out_f, kTileRows), tile_grain(in / 2), [&](int64_t t0, int64_t t1) {
     for_tile(t0 * kTileRows, std::min(out_f, t1 * kTileRows), M, kp / kMxChunk, kMxChunk, in / 2,
              [&](auto g, int64_t r, int64_t m0, int64_t c0, int64_t c1, int64_t pf) {
                row(g, r, m0, c0, c1, pf, yd + m0 * out_f + r);
              });
   });
-  return y;
 }
 
 #ifdef __AVX512BF16__
@@ -234,18 +237,20 @@ alignas(64) const uint16_t kE2M1Bf16[32] = {
     0x0000, 0x3F00, 0x3F80, 0x3FC0, 0x4000, 0x4040, 0x4080, 0x40C0,
     0x8000, 0xBF00, 0xBF80, 0xBFC0, 0xC000, 0xC040, 0xC080, 0xC0C0};
 
-// x [M, in] bf16 -> [M, kp] in the mxb_src order, zero-padded past `in`.
-torch::Tensor permute_x_bf16(const torch::Tensor& x, int64_t in) {
-  const int64_t M = x.size(0), kp = ceil_div(in, kMxChunk) * kMxChunk;
-  auto out = torch::zeros({M, kp}, x.options());
-  const auto* xs = static_cast<const uint16_t*>(x.data_ptr());
-  auto* xp = static_cast<uint16_t*>(out.data_ptr());
+// x [M, in] bf16 bits -> xp [M, kp] in the mxb_src order (xp zeroed by the caller: the padding).
+void permute_bf16_into(const uint16_t* xs, int64_t M, int64_t in, uint16_t* xp) {
+  const int64_t kp = ceil_div(in, kMxChunk) * kMxChunk;
   int64_t idx[kMxChunk];
   for (int64_t p = 0; p < kMxChunk; ++p) idx[p] = mxb_src(p);
   for (int64_t m = 0; m < M; ++m)
     for (int64_t c = 0; c < kp; c += kMxChunk)
       for (int64_t p = 0; p < kMxChunk; ++p)
         if (c + idx[p] < in) xp[m * kp + c + p] = xs[m * in + c + idx[p]];
+}
+
+torch::Tensor permute_x_bf16(const torch::Tensor& x, int64_t in) {
+  auto out = torch::zeros({x.size(0), ceil_div(in, kMxChunk) * kMxChunk}, x.options());
+  permute_bf16_into(static_cast<const uint16_t*>(x.data_ptr()), x.size(0), in, static_cast<uint16_t*>(out.data_ptr()));
   return out;
 }
 
@@ -290,9 +295,9 @@ inline void mxb_row(const uint8_t* w, const uint8_t* s, int64_t in, int64_t c0, 
   for (int m = 0; m < M; ++m) y[m * ldy] += _mm512_reduce_add_ps(acc[m]);
 }
 
-torch::Tensor mxb_decode(const uint8_t* w, const uint8_t* s, int64_t in, int64_t out_f, int64_t M,
-                         const uint16_t* xb, int64_t kp) {
-  return mx_decode_rows(in, out_f, M, kp, [&](auto g, int64_t r, int64_t m0, int64_t c0, int64_t c1,
+void mxb_decode(const uint8_t* w, const uint8_t* s, int64_t in, int64_t out_f, int64_t M,
+                const uint16_t* xb, int64_t kp, float* yd) {
+  mx_decode_rows(in, out_f, M, kp, yd, [&](auto g, int64_t r, int64_t m0, int64_t c0, int64_t c1,
                                               int64_t pf, float* yr) {
     mxb_row<decltype(g)::value>(w + r * (in / 2), s + r * (in / 32), in, c0, c1, pf, xb + m0 * kp, kp,
                                 yr, out_f);
@@ -300,19 +305,17 @@ torch::Tensor mxb_decode(const uint8_t* w, const uint8_t* s, int64_t in, int64_t
 }
 #endif  // __AVX512BF16__
 
-torch::Tensor mx_decode(const uint8_t* w, const uint8_t* s, int64_t in, int64_t out_f, int64_t M,
-                        const float* xd, int64_t kp) {
-  return mx_decode_rows(in, out_f, M, kp, [&](auto g, int64_t r, int64_t m0, int64_t c0, int64_t c1,
+void mx_decode(const uint8_t* w, const uint8_t* s, int64_t in, int64_t out_f, int64_t M,
+               const float* xd, int64_t kp, float* yd) {
+  mx_decode_rows(in, out_f, M, kp, yd, [&](auto g, int64_t r, int64_t m0, int64_t c0, int64_t c1,
                                               int64_t pf, float* yr) {
     mx_row<decltype(g)::value>(w + r * (in / 2), s + r * (in / 32), in, c0, c1, r == out_f - 1, pf,
                                xd + m0 * kp, kp, yr, out_f);
   });
 }
 
-torch::Tensor f8_decode(const uint8_t* w, const float* sc, int64_t nbi, int64_t in, int64_t out_f,
-                        int64_t M, const float* xd, int64_t kp) {
-  auto y = torch::zeros({M, out_f}, torch::kFloat);
-  float* yd = y.data_ptr<float>();
+void f8_decode(const uint8_t* w, const float* sc, int64_t nbi, int64_t in, int64_t out_f,
+               int64_t M, const float* xd, int64_t kp, float* yd) {
   at::parallel_for(0, ceil_div(out_f, kTileRows), tile_grain(in), [&](int64_t t0, int64_t t1) {
     // x times the scales of the current 128-row block, rebuilt when the block changes.
     std::vector<float> xs(M * kp);
@@ -334,8 +337,10 @@ torch::Tensor f8_decode(const uint8_t* w, const float* sc, int64_t nbi, int64_t 
                });
     }
   });
-  return y;
 }
+
+// y [M, out_f] fp32 zeros, for the decode paths to add into.
+torch::Tensor zeros_y(int64_t M, int64_t out_f) { return torch::zeros({M, out_f}, torch::kFloat); }
 
 }  // namespace
 
@@ -361,7 +366,9 @@ torch::Tensor mxfp4_linear(const torch::Tensor& x_in, const torch::Tensor& weigh
   if (M == 1 && x.scalar_type() == torch::kBFloat16) {
     const auto xb = permute_x_bf16(x, in);
     const auto* xbd = static_cast<const uint16_t*>(xb.data_ptr());
-    return finish(mxb_decode(w, s, in, out_f, M, xbd, xb.size(1)), x_in, fp32_out);
+    auto y = zeros_y(M, out_f);
+    mxb_decode(w, s, in, out_f, M, xbd, xb.size(1), y.data_ptr<float>());
+    return finish(y, x_in, fp32_out);
   }
 #endif
   auto xp = permute_x<kMxChunk, mx_src>(x.to(torch::kFloat));
@@ -378,7 +385,9 @@ torch::Tensor mxfp4_linear(const torch::Tensor& x_in, const torch::Tensor& weigh
       mx_dequant(w, s, in, r0, r1, kp, dst);
     }), x_in, fp32_out);
   }
-  return finish(mx_decode(w, s, in, out_f, M, xp.data_ptr<float>(), kp), x_in, fp32_out);
+  auto y = zeros_y(M, out_f);
+  mx_decode(w, s, in, out_f, M, xp.data_ptr<float>(), kp, y.data_ptr<float>());
+  return finish(y, x_in, fp32_out);
 }
 
 // x [..., in] fp32/bf16; weight e4m3fn (or its uint8 bytes) [out, in]; scale e8m0 bytes or any float
@@ -411,7 +420,9 @@ torch::Tensor fp8_linear(const torch::Tensor& x_in, const torch::Tensor& weight_
       f8_dequant(w, sc.data(), nbi, in, r0, r1, kp, dst);
     }), x_in, fp32_out);
   }
-  return finish(f8_decode(w, sc.data(), nbi, in, out_f, M, xp.data_ptr<float>(), kp), x_in, fp32_out);
+  auto y = zeros_y(M, out_f);
+  f8_decode(w, sc.data(), nbi, in, out_f, M, xp.data_ptr<float>(), kp, y.data_ptr<float>());
+  return finish(y, x_in, fp32_out);
 }
 
 #include "fused.h"

@@ -536,6 +536,88 @@ torch::Tensor attn_output(const torch::Tensor& o, const torch::Tensor& cos, cons
   return linear_of(g.reshape({M, -1}), wo_b);
 }
 
+// ---- the decode paths without tensors ----
+
+inline float round_to(float v, bool bf16) { return bf16 ? static_cast<float>(c10::BFloat16(v)) : v; }
+
+// Whether decode_into takes this weight for x [M, in] (bf16 or fp32 values): contiguous values and
+// scales of the shapes its format needs (a Dense weight in x's dtype).
+inline bool decode_takes(const Lin& lin, int64_t in, bool bf16) {
+  const auto& [kind, w, s] = lin;
+  if (w.dim() != 2 || !w.is_contiguous() || !s.is_contiguous() || !w.device().is_cpu()) return false;
+  const int64_t out = w.size(0);
+  if (kind == 2)
+    return is_byte(w) && is_byte(s) && in % 32 == 0 && w.size(1) * 2 == in && s.dim() == 2 && s.size(0) == out &&
+           s.size(1) == in / 32;
+  if (kind == 1)
+    return is_byte(w) && w.size(1) == in && s.dim() == 2 && s.size(0) == ceil_div(out, 128) &&
+           s.size(1) == ceil_div(in, 128);
+  return kind == 0 && w.size(1) == in && w.scalar_type() == (bf16 ? torch::kBFloat16 : torch::kFloat);
+}
+
+// y [M, out] fp32 = x [M, in] @ W.T (x fp32 values, bf16-exact when `bf16`) through the same decode
+// kernels, column orders and sums as the tensor entry points (mxfp4_linear, fp8_linear,
+// dense_linear for a few rows), into a caller's buffer: no ATen op per call. decode_takes(lin) first.
+inline void decode_into(const Lin& lin, const float* x, int64_t M, int64_t in, bool bf16, float* y) {
+  const auto& [kind, w, s] = lin;
+  const int64_t out = w.size(0);
+  std::fill(y, y + M * out, 0.f);
+  const auto* wd = static_cast<const uint8_t*>(w.data_ptr());
+  if (kind == 2) {
+    const int64_t kp = ceil_div(in, kMxChunk) * kMxChunk;
+    const auto* sd = static_cast<const uint8_t*>(s.data_ptr());
+#ifdef __AVX512BF16__
+    if (M == 1 && bf16) {  // mxfp4_linear's one-row bf16 path
+      std::vector<uint16_t> xb(in), xp(kp, 0);
+      for (int64_t i = 0; i < in; ++i) {
+        uint32_t u;
+        std::memcpy(&u, x + i, 4);
+        xb[i] = static_cast<uint16_t>(u >> 16);  // exact: the values are bf16
+      }
+      permute_bf16_into(xb.data(), 1, in, xp.data());
+      mxb_decode(wd, sd, in, out, 1, xp.data(), kp, y);
+      return;
+    }
+#endif
+    std::vector<float> xp(M * kp);
+    permute_into<kMxChunk, mx_src>(x, M, in, xp.data());
+    mx_decode(wd, sd, in, out, M, xp.data(), kp, y);
+  } else if (kind == 1) {
+    const auto sc = f8_scales(is_byte(s) ? s.view(torch::kUInt8) : s.to(torch::kFloat));
+    const int64_t kp = ceil_div(in, kF8Chunk) * kF8Chunk;
+    std::vector<float> xp(M * kp);
+    permute_into<kF8Chunk, f8_src>(x, M, in, xp.data());
+    f8_decode(wd, sc.data(), ceil_div(in, 128), in, out, M, xp.data(), kp, y);
+  } else if (bf16) {
+    gemv_rows(x, reinterpret_cast<const uint16_t*>(wd), M, in, out, y);
+  } else {
+    gemv_rows(x, reinterpret_cast<const float*>(wd), M, in, out, y);
+  }
+}
+
+// acc [M, D'] += one SwiGLU expert of x [M, D] (fp32 values, bf16-exact when `bf16`), rounding to
+// x's dtype wherever expert_out does (each projection's output and h), so the sum is the same;
+// route: the row weights (route[m * ldr]) or null. Every weight must pass decode_takes.
+inline void expert_into(const float* x, int64_t M, int64_t D, bool bf16, const Lin& w1, const Lin& w2,
+                        const Lin& w3, float limit, const float* route, int64_t ldr, float* acc) {
+  const int64_t F = std::get<1>(w1).size(0), out = std::get<1>(w2).size(0);
+  std::vector<float> g(M * F), u(M * F), h(M * F), o(M * out);
+  decode_into(w1, x, M, D, bf16, g.data());
+  decode_into(w3, x, M, D, bf16, u.data());
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t f = 0; f < F; ++f) {
+      float a = round_to(g[m * F + f], bf16), b = round_to(u[m * F + f], bf16);
+      if (limit > 0) {
+        a = std::min(a, limit);
+        b = std::min(std::max(b, -limit), limit);
+      }
+      const float v = a / (1.f + std::exp(-a)) * b;
+      h[m * F + f] = round_to(route ? v * route[m * ldr] : v, bf16);
+    }
+  decode_into(w2, h.data(), M, F, bf16, o.data());
+  for (int64_t i = 0; i < M * out; ++i) acc[i] += round_to(o[i], bf16);
+}
+
 // One SwiGLU expert for a few rows of x [M, D] (ops.expert_mlp): h = silu(min(w1 x, limit)) *
 // clamp(w3 x, -limit, limit) in fp32 (no clamping when limit <= 0), times route[:, slot] when
 // slot >= 0, rounded to x's dtype; returns w2 h in x's dtype.
@@ -596,16 +678,30 @@ torch::Tensor experts_sum(const torch::Tensor& x, const std::vector<std::tuple<L
                           const std::vector<int64_t>& slots, const torch::Tensor& route_in, double limit,
                           c10::optional<torch::Tensor> acc_in) {
   check_float(x, "experts_sum x");
-  TORCH_CHECK(x.dim() == 2 && experts.size() == slots.size(), "experts_sum: x [M, D] and a slot per expert");
+  TORCH_CHECK(x.dim() == 2 && !experts.empty() && experts.size() == slots.size(),
+              "experts_sum: x [M, D] and a slot per expert");
   const auto route = route_in.to(torch::kFloat).contiguous();
-  torch::Tensor acc = acc_in.has_value() ? *acc_in : torch::Tensor();
+  const int64_t M = x.size(0), D = x.size(1), out = std::get<1>(std::get<1>(experts[0])).size(0);
+  torch::Tensor acc = acc_in.has_value() ? *acc_in : torch::zeros({M, out}, torch::kFloat);
+  TORCH_CHECK(acc.scalar_type() == torch::kFloat && acc.is_contiguous() && acc.dim() == 2 && acc.size(0) == M &&
+                  acc.size(1) == out,
+              "experts_sum: acc fp32 contiguous [", M, ", ", out, "], got ", acc.sizes());
+  const bool bf16 = x.scalar_type() == torch::kBFloat16;
+  const auto xc = x.contiguous();
+  std::vector<float> xf(M * D);  // x's values in fp32, for the tensor-free path
+  for (int64_t i = 0; i < M * D; ++i)
+    xf[i] = bf16 ? static_cast<float>(xc.data_ptr<at::BFloat16>()[i]) : xc.data_ptr<float>()[i];
   for (size_t i = 0; i < experts.size(); ++i) {
     const auto& [w1, w2, w3] = experts[i];
-    const auto out = expert_out(x, w1, w2, w3, limit, route, slots[i]);
-    if (!acc.defined()) acc = torch::zeros(out.sizes(), out.options().dtype(torch::kFloat));
-    add_into(acc, out);
+    const int64_t F = std::get<1>(w1).size(0), slot = slots[i];
+    TORCH_CHECK(slot < 0 || slot < route.size(-1), "experts_sum: slot ", slot, " of route ", route.sizes());
+    if (decode_takes(w1, D, bf16) && decode_takes(w3, D, bf16) && decode_takes(w2, F, bf16) &&
+        std::get<1>(w3).size(0) == F && std::get<1>(w2).size(0) == out)
+      expert_into(xf.data(), M, D, bf16, w1, w2, w3, static_cast<float>(limit),
+                  slot >= 0 ? route.data_ptr<float>() + slot : nullptr, route.size(-1), acc.data_ptr<float>());
+    else
+      add_into(acc, expert_out(x, w1, w2, w3, limit, route, slot));
   }
-  TORCH_CHECK(acc.defined(), "experts_sum: no experts and no acc");
   return acc;
 }
 
