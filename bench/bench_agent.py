@@ -160,9 +160,8 @@ def run_modes(args, system: str) -> dict[str, list[dict]]:
 def granularity(model: Path, tokenizer, system: str, turns: int) -> dict:
     """Bytes of a snapshot at several prompt lengths, and the prefill speed: what one snapshot costs in
     RAM against the tokens (and seconds) it saves."""
+    import dsv4  # noqa: I001  (before torch: it sets OMP_WAIT_POLICY for torch's OpenMP, as the CLI does)
     import torch
-
-    import dsv4
 
     engine = dsv4.load(model, dtype=torch.bfloat16)
     messages = [{"role": "system", "content": system}, {"role": "user", "content": "Fix the tests."}]

@@ -266,9 +266,8 @@ def _read_bytes() -> int:
 
 
 def worker_dsv4(spec: dict) -> Run:
+    import dsv4  # noqa: I001  (before torch: it sets OMP_WAIT_POLICY for torch's OpenMP, as the CLI does)
     import torch
-
-    import dsv4
     from dsv4.memory import peak_rss_bytes, rss_bytes
 
     torch.set_num_threads(spec["threads"])

@@ -91,9 +91,8 @@ def count_aten_ops(model, state, token: int) -> int:
 
 
 def worker_dsv4(spec: dict) -> dict:
+    import dsv4  # noqa: I001  (before torch: it sets OMP_WAIT_POLICY for torch's OpenMP, as the CLI does)
     import torch
-
-    import dsv4
 
     torch.set_num_threads(spec["threads"])
     eng = dsv4.load(spec["dir"])

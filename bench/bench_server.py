@@ -107,9 +107,8 @@ async def run_level(url: str, model: str, streams: int, max_tokens: int) -> dict
 
 def engine_baseline(model: Path, dtype: str, levels: list[int], max_tokens: int) -> dict[int, float]:
     """Tokens/s of the same batches through the engine's scheduler directly (no HTTP), after a warm-up."""
+    import dsv4  # noqa: I001  (before torch: it sets OMP_WAIT_POLICY for torch's OpenMP, as the CLI does)
     import torch
-
-    import dsv4
     from dsv4.generate import Scheduler
     from dsv4.sampling import SamplingParams
 

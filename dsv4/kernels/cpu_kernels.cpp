@@ -186,14 +186,17 @@ torch::Tensor rows_of(const torch::Tensor& x, int64_t in, torch::ScalarType to =
               "dsv4 cpu kernels: x must be float32 or bfloat16, got ", x.scalar_type());
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == in, "dsv4 cpu kernels: x has ", x.size(-1),
               " input features, the weight expects ", in);
+  if (x.dim() == 2 && x.scalar_type() == to && x.is_contiguous()) return x;  // as it is: no ATen call
   return x.reshape({-1, in}).to(to).contiguous();
 }
 
 // y fp32 [M, out] -> [..., out] in x's dtype (or fp32 when asked).
 torch::Tensor finish(const torch::Tensor& y, const torch::Tensor& x, bool fp32_out) {
+  const bool same = fp32_out || x.scalar_type() == torch::kFloat;
+  if (x.dim() == 2) return same ? y : y.to(x.scalar_type());  // no view needed
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = y.size(1);
-  return fp32_out ? y.view(shape) : y.view(shape).to(x.scalar_type());
+  return same ? y.view(shape) : y.view(shape).to(x.scalar_type());
 }
 
 bool is_byte(const torch::Tensor& t) {

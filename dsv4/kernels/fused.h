@@ -32,6 +32,11 @@ inline float dot(const float* a, const float* b, int64_t n) {
 
 inline float sumsq(const float* a, int64_t n) { return dot(a, a, n); }
 
+// t as contiguous fp32, itself (no ATen call) when it already is.
+inline torch::Tensor f32c(const torch::Tensor& t) {
+  return t.scalar_type() == torch::kFloat && t.is_contiguous() ? t : t.to(torch::kFloat).contiguous();
+}
+
 inline float sigmoid(float x) { return 1.f / (1.f + std::exp(-x)); }
 
 inline void check_float(const torch::Tensor& t, const char* what) {
@@ -55,8 +60,8 @@ std::vector<torch::Tensor> hc_pre(const torch::Tensor& h_in, const torch::Tensor
   TORCH_CHECK(fn_in.sizes() == torch::IntArrayRef({m, nD}) && base_in.numel() == m && scale_in.numel() == 3,
               "hc_pre: fn [", m, ", ", nD, "], base [", m, "], scale [3]; got ", fn_in.sizes(), ", ",
               base_in.sizes(), ", ", scale_in.sizes());
-  const auto fn = fn_in.to(torch::kFloat).contiguous(), base = base_in.to(torch::kFloat).contiguous(),
-             scale = scale_in.to(torch::kFloat).contiguous();
+  const auto fn = f32c(fn_in), base = f32c(base_in),
+             scale = f32c(scale_in);
   auto x = torch::empty({T, D}, h.options());
   auto post = torch::empty({T, n}, h.options().dtype(torch::kFloat));
   auto comb = torch::empty({T, n, n}, h.options().dtype(torch::kFloat));
@@ -125,7 +130,7 @@ torch::Tensor hc_post(const torch::Tensor& out_in, const torch::Tensor& h_in, co
   const int64_t T = h.size(0), n = h.size(1), D = h.size(2);
   TORCH_CHECK(out.numel() == T * D && post_in.numel() == T * n && comb_in.numel() == T * n * n,
               "hc_post: out [T, D], post [T, n], comb [T, n, n] for h ", h.sizes());
-  const auto post = post_in.to(torch::kFloat).contiguous(), comb = comb_in.to(torch::kFloat).contiguous();
+  const auto post = f32c(post_in), comb = f32c(comb_in);
   auto y = torch::empty_like(h);
   const float* P = post.data_ptr<float>();
   const float* C = comb.data_ptr<float>();
@@ -168,14 +173,14 @@ torch::Tensor norm_rope(const torch::Tensor& x_in, const c10::optional<torch::Te
   const bool norm = eps_d >= 0, rot = cos_in.has_value();
   torch::Tensor w, cs, sn;
   if (weight_in.has_value()) {
-    w = weight_in->to(torch::kFloat).contiguous();
+    w = f32c(*weight_in);
     TORCH_CHECK(w.numel() == D, "norm_rope: weight [", D, "], got ", weight_in->sizes());
   }
   int64_t T = 1, R2 = 0;
   if (rot) {
     TORCH_CHECK(sin_in.has_value() && x.dim() >= 2, "norm_rope: cos and sin [T, R/2] for x [T, ..., D]");
-    cs = cos_in->to(torch::kFloat).contiguous();
-    sn = sin_in->to(torch::kFloat).contiguous();
+    cs = f32c(*cos_in);
+    sn = f32c(*sin_in);
     T = x.size(0), R2 = cs.size(-1);
     TORCH_CHECK(cs.dim() == 2 && cs.size(0) == T && sn.sizes() == cs.sizes() && 2 * R2 <= D,
                 "norm_rope: cos/sin [", T, ", R/2 <= ", D / 2, "], got ", cos_in->sizes(), " and ", sin_in->sizes());
@@ -241,7 +246,7 @@ std::vector<torch::Tensor> route(const torch::Tensor& logits_in, const c10::opti
     K = hashed.size(1);
   } else {
     TORCH_CHECK(bias_in.has_value() && bias_in->numel() == E, "route: bias [", E, "] for top-k routing");
-    bias = bias_in->to(torch::kFloat).contiguous();
+    bias = f32c(*bias_in);
   }
   TORCH_CHECK(K >= 1 && K <= E, "route: K in [1, ", E, "], got ", K);
   auto weights = torch::empty({T, K}, logits.options());
@@ -335,7 +340,7 @@ torch::Tensor dense_linear(const torch::Tensor& x_in, const torch::Tensor& w_in)
                   w_in.dim() == 2 && x_in.size(1) == w_in.size(1) && x_in.device().is_cpu() && w_in.device().is_cpu(),
               "dense_linear: x [M, in] and w [out, in], both bfloat16 or both float32 on the CPU; got ", x_in.sizes(),
               " ", x_in.scalar_type(), " and ", w_in.sizes(), " ", w_in.scalar_type());
-  const auto xf = x_in.to(torch::kFloat).contiguous();
+  const auto xf = f32c(x_in);
   const auto w = w_in.contiguous();
   const int64_t M = xf.size(0), in = xf.size(1), out = w.size(0);
   auto y = torch::empty({M, out}, x_in.options());
@@ -366,8 +371,8 @@ torch::Tensor sink_decode(const torch::Tensor& q_in, const std::vector<torch::Te
     TORCH_CHECK(p.dim() == 2 && p.size(1) == hd, "sink_decode: keys [K, ", hd, "], got ", p.sizes());
     K += p.size(0);
   }
-  const auto q = q_in.to(torch::kFloat).contiguous();
-  const auto sink = sink_in.to(torch::kFloat).contiguous();
+  const auto q = f32c(q_in);
+  const auto sink = f32c(sink_in);
   std::vector<float> keys(K * hd);
   int64_t row = 0;
   for (const auto& p : parts) {  // fp32 copies, once for all heads
@@ -420,9 +425,9 @@ torch::Tensor index_top(const torch::Tensor& q_in, const torch::Tensor& w_in, co
               "index_top: q [1, Hi, d], w [1, Hi], keys [N, d]; got ", q_in.sizes(), ", ", w_in.sizes(), ", ",
               keys_in.sizes());
   const int64_t Hi = q_in.size(1), d = q_in.size(2), N = keys_in.size(0);
-  const auto q = q_in.to(torch::kFloat).contiguous();
-  const auto w = w_in.to(torch::kFloat).contiguous();
-  const auto keys = keys_in.to(torch::kFloat).contiguous();
+  const auto q = f32c(q_in);
+  const auto w = f32c(w_in);
+  const auto keys = f32c(keys_in);
   const float *Q = q.data_ptr<float>(), *W = w.data_ptr<float>(), *Kd = keys.data_ptr<float>();
   std::vector<float> score(N);
   at::parallel_for(0, N, grain(Hi * d), [&](int64_t n0, int64_t n1) {
@@ -512,7 +517,7 @@ std::vector<torch::Tensor> attn_project(const torch::Tensor& x, const torch::Ten
   const auto kv = norm_rope(linear_of(x, lin[2]), vec[1], eps, cos, sin, false);
   torch::Tensor comp = torch::empty({0}), iq = comp, iw = comp, irows = comp;
   if (vec.size() >= 5) {
-    const auto xf = x.to(torch::kFloat);
+    const auto xf = f32c(x);
     comp = compressor_rows(xf, vec[2], vec[3], vec[4], positions);
     if (vec.size() == 9 && lin.size() == 4) {
       iq = norm_rope(linear_of(qr, lin[3]).view({M, dims[1], dims[2]}), c10::nullopt, -1.0, cos, sin, false);
@@ -652,7 +657,7 @@ inline torch::Tensor expert_out(const torch::Tensor& x, const Lin& w1, const Lin
 inline void add_into(torch::Tensor& acc, const torch::Tensor& out) {
   TORCH_CHECK(acc.scalar_type() == torch::kFloat && acc.is_contiguous() && acc.sizes() == out.sizes(),
               "expert sum: acc fp32 contiguous ", out.sizes(), ", got ", acc.sizes(), " ", acc.scalar_type());
-  const auto of = out.to(torch::kFloat).contiguous();
+  const auto of = f32c(out);
   float* A = acc.data_ptr<float>();
   const float* Od = of.data_ptr<float>();
   for (int64_t i = 0; i < of.numel(); ++i) A[i] += Od[i];
@@ -664,7 +669,7 @@ torch::Tensor expert_mlp(const torch::Tensor& x, const Lin& w1, const Lin& w2, c
                          const c10::optional<torch::Tensor>& route_in, c10::optional<torch::Tensor> acc) {
   check_float(x, "expert_mlp x");
   TORCH_CHECK(x.dim() == 2, "expert_mlp: x [M, D], got ", x.sizes());
-  const auto route = route_in.has_value() ? route_in->to(torch::kFloat).contiguous() : torch::Tensor();
+  const auto route = route_in.has_value() ? f32c(*route_in) : torch::Tensor();
   auto out = expert_out(x, w1, w2, w3, limit, route, route.defined() ? 0 : -1);
   if (!acc.has_value()) return out;
   add_into(*acc, out);
@@ -680,7 +685,7 @@ torch::Tensor experts_sum(const torch::Tensor& x, const std::vector<std::tuple<L
   check_float(x, "experts_sum x");
   TORCH_CHECK(x.dim() == 2 && !experts.empty() && experts.size() == slots.size(),
               "experts_sum: x [M, D] and a slot per expert");
-  const auto route = route_in.to(torch::kFloat).contiguous();
+  const auto route = f32c(route_in);
   const int64_t M = x.size(0), D = x.size(1), out = std::get<1>(std::get<1>(experts[0])).size(0);
   torch::Tensor acc = acc_in.has_value() ? *acc_in : torch::zeros({M, out}, torch::kFloat);
   TORCH_CHECK(acc.scalar_type() == torch::kFloat && acc.is_contiguous() && acc.dim() == 2 && acc.size(0) == M &&
