@@ -125,6 +125,12 @@ def _param(t: torch.Tensor, dtype: torch.dtype | None = None) -> nn.Parameter:
     return nn.Parameter(t.to(dtype) if dtype is not None else t, requires_grad=False)
 
 
+def _fp32_math(t: torch.Tensor) -> nn.Parameter:
+    """A matrix used in fp32 math, kept as stored when that is bf16 (as released: half the bytes read
+    per token, the same values) or fp32 (training); anything else becomes fp32."""
+    return _param(t, None if t.dtype in (torch.float32, torch.bfloat16) else torch.float32)
+
+
 class HyperConnection(nn.Module):
     """mHC around one sub-block: collapse n streams into the block input, expand the output back."""
 
@@ -200,8 +206,8 @@ class Compressor(nn.Module):
     def __init__(self, cfg: ModelConfig, src: WeightSource, prefix: str, ratio: int, head_dim: int,
                  overlap: bool, rotate: bool, numerics: Numerics):  # fmt: skip
         super().__init__()
-        self.wkv = _param(src.tensor(f"{prefix}.wkv.weight"), torch.float32)  # [C, D], C = (1+overlap)*hd
-        self.wgate = _param(src.tensor(f"{prefix}.wgate.weight"), torch.float32)
+        self.wkv = _fp32_math(src.tensor(f"{prefix}.wkv.weight"))  # [C, D], C = (1+overlap)*hd
+        self.wgate = _fp32_math(src.tensor(f"{prefix}.wgate.weight"))
         self.ape = _param(src.tensor(f"{prefix}.ape"), torch.float32)  # [ratio, C]
         self.norm = _param(src.tensor(f"{prefix}.norm.weight"), torch.float32)
         self.ratio, self.hd, self.overlap, self.rotate = ratio, head_dim, overlap, rotate
@@ -499,7 +505,7 @@ class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig, src: WeightSource, p: str, hashed: bool, numerics: Numerics,
                  experts: ExpertProvider | None = None):  # fmt: skip
         super().__init__()
-        self.gate = _param(src.tensor(f"{p}.gate.weight"), torch.float32)
+        self.gate = _fp32_math(src.tensor(f"{p}.gate.weight"))
         self.register_buffer("tid2eid", src.tensor(f"{p}.gate.tid2eid").long() if hashed else None, persistent=False)
         self.bias = None if hashed else _param(src.tensor(f"{p}.gate.bias"), torch.float32)
         self.shared = Expert(src, f"{p}.shared_experts", numerics.dtype)

@@ -31,7 +31,7 @@ def weight_parts(w: Weight) -> tuple[int, torch.Tensor, torch.Tensor]:
 def linear(x: torch.Tensor, w: Weight) -> torch.Tensor:
     """y = x @ W^T for any weight format; returns x's dtype (quantized formats accumulate in fp32)."""
     if isinstance(w, Dense):
-        if x.dtype == w.weight.dtype and x.dim() == 2 and x.shape[0] <= GEMV_ROWS:
+        if _dense_pair(x.dtype, w.weight.dtype) and x.dim() == 2 and x.shape[0] <= GEMV_ROWS:
             ext = kernels.fused(x, w.weight)
             if ext is not None:  # decode: stream the matrix once (torch's GEMVs are far slower)
                 return ext.dense_linear(x, w.weight)
@@ -41,6 +41,11 @@ def linear(x: torch.Tensor, w: Weight) -> torch.Tensor:
     if isinstance(w, FP8Block):
         return kernels.fp8_linear(x, w.weight, w.scale)
     raise TypeError(f"unknown weight format {type(w).__name__}")
+
+
+def _dense_pair(x: torch.dtype, w: torch.dtype) -> bool:
+    """Whether the dense GEMV takes x against w: one dtype (fp32 or bf16), or fp32 x against bf16 w."""
+    return x == w or (x == torch.float32 and w == torch.bfloat16)
 
 
 def grouped_linear(x: torch.Tensor, w: Weight, groups: int) -> torch.Tensor:

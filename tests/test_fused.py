@@ -138,6 +138,9 @@ def test_dense_gemv(dtype, rows):
 
     x, w = rand(rows, 200, dtype=dtype), rand(1000, 200, dtype=dtype, seed=7)
     agree(ops.linear(x, Dense(w)), torch.nn.functional.linear(x, w))
+    if dtype == torch.bfloat16:  # fp32 math on a bf16 matrix (router, compressors): the same values
+        xf = x.float()
+        agree(ops.linear(xf, Dense(w)), torch.nn.functional.linear(xf, w.float()))
 
 
 @needs_compiled
@@ -238,6 +241,9 @@ def test_attention_projections(tmp_path, dtype, T):
     positions = torch.arange(5, 5 + T)
     for i, layer in enumerate(model.layers):
         attn = layer.attn
+        # bf16 in the file, fp32 math: held as stored (half the bytes a token reads)
+        assert layer.ffn.gate.dtype == torch.bfloat16
+        assert attn.compressor is None or attn.compressor.wkv.dtype == attn.compressor.wgate.dtype == torch.bfloat16
         cos_sin = model.ropes[attn.rope_kind](positions)
         got, ref = attn.project(x, positions, cos_sin), attn.project_torch(x, positions, cos_sin)
         assert attn._fused_args(x) is not None, f"layer {i}: the fused ops should take this layer"

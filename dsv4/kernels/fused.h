@@ -361,21 +361,29 @@ void gemv_rows(const float* X, const W* Wd, int64_t M, int64_t in, int64_t out, 
   });
 }
 
+// Whether dense_linear takes x against w: both bf16, both fp32, or fp32 x against bf16 w (weights
+// the checkpoint stores in bf16 and the math runs in fp32: the router, the compressors).
+inline bool dense_pair(torch::ScalarType x, torch::ScalarType w) {
+  return (x == torch::kFloat || x == torch::kBFloat16) && (w == x || (x == torch::kFloat && w == torch::kBFloat16));
+}
+
 torch::Tensor dense_linear(const torch::Tensor& x_in, const torch::Tensor& w_in) {
   const auto st = x_in.scalar_type();
-  TORCH_CHECK((st == torch::kBFloat16 || st == torch::kFloat) && w_in.scalar_type() == st && x_in.dim() == 2 &&
-                  w_in.dim() == 2 && x_in.size(1) == w_in.size(1) && x_in.device().is_cpu() && w_in.device().is_cpu(),
-              "dense_linear: x [M, in] and w [out, in], both bfloat16 or both float32 on the CPU; got ", x_in.sizes(),
-              " ", x_in.scalar_type(), " and ", w_in.sizes(), " ", w_in.scalar_type());
+  TORCH_CHECK(dense_pair(st, w_in.scalar_type()) && x_in.dim() == 2 && w_in.dim() == 2 &&
+                  x_in.size(1) == w_in.size(1) && x_in.device().is_cpu() && w_in.device().is_cpu(),
+              "dense_linear: x [M, in] and w [out, in] on the CPU, both bfloat16, both float32 or float32 x with "
+              "bfloat16 w; got ", x_in.sizes(), " ", x_in.scalar_type(), " and ", w_in.sizes(), " ", w_in.scalar_type());
   const auto xf = f32c(x_in);
   const auto w = w_in.contiguous();
   const int64_t M = xf.size(0), in = xf.size(1), out = w.size(0);
   auto y = torch::empty({M, out}, x_in.options());
-  if (st == torch::kFloat)
-    gemv_rows(xf.data_ptr<float>(), w.data_ptr<float>(), M, in, out, y.data_ptr<float>());
+  const auto* wb = reinterpret_cast<const uint16_t*>(w.data_ptr());
+  if (st == torch::kBFloat16)
+    gemv_rows(xf.data_ptr<float>(), wb, M, in, out, y.data_ptr<at::BFloat16>());
+  else if (w.scalar_type() == torch::kBFloat16)
+    gemv_rows(xf.data_ptr<float>(), wb, M, in, out, y.data_ptr<float>());
   else
-    gemv_rows(xf.data_ptr<float>(), reinterpret_cast<const uint16_t*>(w.data_ptr()), M, in, out,
-              y.data_ptr<at::BFloat16>());
+    gemv_rows(xf.data_ptr<float>(), w.data_ptr<float>(), M, in, out, y.data_ptr<float>());
   return y;
 }
 
@@ -483,7 +491,7 @@ inline torch::Tensor linear_any(const torch::Tensor& x, int64_t kind, const torc
   if (kind == 1) return ::fp8_linear(x, w, s, kDecode, false);
   if (kind == 2) return ::mxfp4_linear(x, w, s, kDecode, false);
   TORCH_CHECK(kind == 0, "expert_mlp: weight kind 0 (dense), 1 (FP8) or 2 (MXFP4), got ", kind);
-  if (x.scalar_type() == w.scalar_type()) return dense_linear(x, w);
+  if (dense_pair(x.scalar_type(), w.scalar_type())) return dense_linear(x, w);
   return at::linear(x, w.to(x.scalar_type()));
 }
 
@@ -584,7 +592,7 @@ inline bool decode_takes(const Lin& lin, int64_t in, bool bf16) {
   if (kind == 1)
     return is_byte(w) && w.size(1) == in && s.dim() == 2 && s.size(0) == ceil_div(out, 128) &&
            s.size(1) == ceil_div(in, 128);
-  return kind == 0 && w.size(1) == in && w.scalar_type() == (bf16 ? torch::kBFloat16 : torch::kFloat);
+  return kind == 0 && w.size(1) == in && dense_pair(bf16 ? torch::kBFloat16 : torch::kFloat, w.scalar_type());
 }
 
 // y [M, out] fp32 = x [M, in] @ W.T (x fp32 values, bf16-exact when `bf16`) through the same decode
@@ -620,7 +628,7 @@ inline void decode_into(const Lin& lin, const float* x, int64_t M, int64_t in, b
     std::vector<float> xp(M * kp);
     permute_into<kF8Chunk, f8_src>(x, M, in, xp.data());
     f8_decode(wd, sc.data(), ceil_div(in, 128), in, out, M, xp.data(), kp, y);
-  } else if (bf16) {
+  } else if (w.scalar_type() == torch::kBFloat16) {
     gemv_rows(x, reinterpret_cast<const uint16_t*>(wd), M, in, out, y);
   } else {
     gemv_rows(x, reinterpret_cast<const float*>(wd), M, in, out, y);
