@@ -595,67 +595,177 @@ inline bool decode_takes(const Lin& lin, int64_t in, bool bf16) {
   return kind == 0 && w.size(1) == in && dense_pair(bf16 ? torch::kBFloat16 : torch::kFloat, w.scalar_type());
 }
 
-// y [M, out] fp32 = x [M, in] @ W.T (x fp32 values, bf16-exact when `bf16`) through the same decode
-// kernels, column orders and sums as the tensor entry points (mxfp4_linear, fp8_linear,
-// dense_linear for a few rows), into a caller's buffer: no ATen op per call. decode_takes(lin) first.
-inline void decode_into(const Lin& lin, const float* x, int64_t M, int64_t in, bool bf16, float* y) {
-  const auto& [kind, w, s] = lin;
-  const int64_t out = w.size(0);
-  std::fill(y, y + M * out, 0.f);
-  const auto* wd = static_cast<const uint8_t*>(w.data_ptr());
-  if (kind == 2) {
-    const int64_t kp = ceil_div(in, kMxChunk) * kMxChunk;
-    const auto* sd = static_cast<const uint8_t*>(s.data_ptr());
+// One product of a batch of decode products: y [M, out] fp32 = x [M, in] @ W.T (x fp32 values,
+// bf16-exact when `bf16`), through the same decode kernels, column orders and sums as the tensor
+// entry points (mxfp4_linear, fp8_linear, dense_linear for a few rows), into a caller's buffer.
+// `run_decode` computes a batch of them in ONE parallel region over all their 16-row tiles: waking
+// the other threads costs ~100 us per region on the development VM (more than a 4 MB matrix takes),
+// so a MoE layer's 21 matrices as 2 regions instead of 21 is what lets a second thread pay off.
+struct DecodeJob {
+  int64_t kind = 0, M = 0, in = 0, out = 0, kp = 0;
+  bool mxb = false;        // MXFP4 with bf16 dot products (one bf16 row)
+  const uint8_t* w = nullptr;
+  const uint8_t* s = nullptr;
+  bool w_bf16 = false;     // Dense: bf16 values (else fp32)
+  std::vector<float> sc;   // FP8 block scales (f8_scales)
+  std::vector<float> xp;   // x permuted for the format (MXFP4 / FP8); Dense reads x itself
+  std::vector<uint16_t> xb;  // x as bf16 bits in the mxb order
+  const float* x = nullptr;
+  float* y = nullptr;
+
+  // decode_takes(lin, in, bf16) first; zeroes y [M, out].
+  DecodeJob(const Lin& lin, const float* x_, int64_t M_, int64_t in_, bool bf16, float* y_)
+      : kind(std::get<0>(lin)), M(M_), in(in_), x(x_), y(y_) {
+    const auto& w_t = std::get<1>(lin);
+    const auto& s_t = std::get<2>(lin);
+    out = w_t.size(0);
+    w = static_cast<const uint8_t*>(w_t.data_ptr());
+    std::fill(y, y + M * out, 0.f);
+    if (kind == 2) {
+      s = static_cast<const uint8_t*>(s_t.data_ptr());
+      kp = ceil_div(in, kMxChunk) * kMxChunk;
 #ifdef __AVX512BF16__
-    if (M == 1 && bf16) {  // mxfp4_linear's one-row bf16 path
-      std::vector<uint16_t> xb(in), xp(kp, 0);
-      for (int64_t i = 0; i < in; ++i) {
-        uint32_t u;
-        std::memcpy(&u, x + i, 4);
-        xb[i] = static_cast<uint16_t>(u >> 16);  // exact: the values are bf16
+      if (M == 1 && bf16) {  // mxfp4_linear's one-row bf16 path
+        mxb = true;
+        std::vector<uint16_t> bits(in);
+        for (int64_t i = 0; i < in; ++i) {
+          uint32_t u;
+          std::memcpy(&u, x + i, 4);
+          bits[i] = static_cast<uint16_t>(u >> 16);  // exact: the values are bf16
+        }
+        xb.assign(kp, 0);
+        permute_bf16_into(bits.data(), 1, in, xb.data());
+        return;
       }
-      permute_bf16_into(xb.data(), 1, in, xp.data());
-      mxb_decode(wd, sd, in, out, 1, xp.data(), kp, y);
-      return;
-    }
 #endif
-    std::vector<float> xp(M * kp);
-    permute_into<kMxChunk, mx_src>(x, M, in, xp.data());
-    mx_decode(wd, sd, in, out, M, xp.data(), kp, y);
-  } else if (kind == 1) {
-    const auto sc = f8_scales(is_byte(s) ? s.view(torch::kUInt8) : s.to(torch::kFloat));
-    const int64_t kp = ceil_div(in, kF8Chunk) * kF8Chunk;
-    std::vector<float> xp(M * kp);
-    permute_into<kF8Chunk, f8_src>(x, M, in, xp.data());
-    f8_decode(wd, sc.data(), ceil_div(in, 128), in, out, M, xp.data(), kp, y);
-  } else if (w.scalar_type() == torch::kBFloat16) {
-    gemv_rows(x, reinterpret_cast<const uint16_t*>(wd), M, in, out, y);
-  } else {
-    gemv_rows(x, reinterpret_cast<const float*>(wd), M, in, out, y);
+      xp.resize(M * kp);
+      permute_into<kMxChunk, mx_src>(x, M, in, xp.data());
+    } else if (kind == 1) {
+      sc = f8_scales(is_byte(s_t) ? s_t.view(torch::kUInt8) : s_t.to(torch::kFloat));
+      kp = ceil_div(in, kF8Chunk) * kF8Chunk;
+      xp.resize(M * kp);
+      permute_into<kF8Chunk, f8_src>(x, M, in, xp.data());
+    } else {
+      w_bf16 = w_t.scalar_type() == torch::kBFloat16;
+    }
   }
+
+  int64_t tiles() const { return ceil_div(out, kTileRows); }
+  int64_t bytes_per_row() const { return kind == 2 ? in / 2 : kind == 1 ? in : (w_bf16 ? 2 : 4) * in; }
+
+  // Rows [t * kTileRows, ...) of y; xs: the thread's FP8 scaled-x buffer, valid for block `*key`.
+  void tile(int64_t t, std::vector<float>& xs, const void*& key_job, int64_t& key_block) const {
+    const int64_t r0 = t * kTileRows, r1 = std::min(out, r0 + kTileRows);
+    if (kind == 2) {
+      for_tile(r0, r1, M, kp / kMxChunk, kMxChunk, in / 2,
+               [&](auto g, int64_t r, int64_t m0, int64_t c0, int64_t c1, int64_t pf) {
+                 constexpr int G = decltype(g)::value;
+                 float* yr = y + m0 * out + r;
+#ifdef __AVX512BF16__
+                 if (mxb) {
+                   mxb_row<G>(w + r * (in / 2), s + r * (in / 32), in, c0, c1, pf, xb.data() + m0 * kp, kp, yr, out);
+                   return;
+                 }
+#endif
+                 mx_row<G>(w + r * (in / 2), s + r * (in / 32), in, c0, c1, r == out - 1, pf, xp.data() + m0 * kp, kp,
+                           yr, out);
+               });
+    } else if (kind == 1) {
+      const int64_t rb = r0 / 128, nbi = ceil_div(in, 128);
+      if (key_job != this || key_block != rb) {  // x times this 128-row block's scales (f8_decode)
+        key_job = this, key_block = rb;
+        xs.resize(M * kp);
+        for (int64_t m = 0; m < M; ++m)
+          for (int64_t i0 = 0; i0 < kp; i0 += 128) {
+            const float sv = sc[rb * nbi + i0 / 128];
+            for (int64_t i = i0; i < std::min(kp, i0 + 128); ++i) xs[m * kp + i] = xp[m * kp + i] * sv;
+          }
+      }
+      for_tile(r0, r1, M, kp / kF8Chunk, kF8Chunk, in,
+               [&](auto g, int64_t r, int64_t m0, int64_t c0, int64_t c1, int64_t pf) {
+                 f8_row<decltype(g)::value>(w + r * in, in, c0, c1, pf, xs.data() + m0 * kp, kp, y + m0 * out + r,
+                                            out);
+               });
+    } else {
+      for (int64_t r = r0; r < r1; ++r)
+        for (int64_t m = 0; m < M; ++m)
+          y[m * out + r] = w_bf16 ? row_dot(reinterpret_cast<const uint16_t*>(w) + r * in, x + m * in, in)
+                                  : row_dot(reinterpret_cast<const float*>(w) + r * in, x + m * in, in);
+    }
+  }
+};
+
+// Every job's tiles in one parallel region (a thread gets a contiguous run of tiles, across jobs).
+inline void run_decode(const std::vector<DecodeJob>& jobs) {
+  std::vector<int64_t> first(jobs.size() + 1, 0);
+  int64_t bytes = 0;
+  for (size_t j = 0; j < jobs.size(); ++j) {
+    first[j + 1] = first[j] + jobs[j].tiles();
+    bytes += jobs[j].out * jobs[j].bytes_per_row();
+  }
+  const int64_t total = first.back();
+  if (total == 0) return;
+  const int64_t tile_bytes = std::max<int64_t>(1, bytes / total);
+  at::parallel_for(0, total, std::max<int64_t>(1, kMinThreadBytes / tile_bytes), [&](int64_t t0, int64_t t1) {
+    std::vector<float> xs;
+    const void* key_job = nullptr;
+    int64_t key_block = -1;
+    size_t j = std::upper_bound(first.begin(), first.end(), t0) - first.begin() - 1;
+    for (int64_t t = t0; t < t1; ++t) {
+      while (t >= first[j + 1]) ++j;
+      jobs[j].tile(t - first[j], xs, key_job, key_block);
+    }
+  });
 }
 
-// acc [M, D'] += one SwiGLU expert of x [M, D] (fp32 values, bf16-exact when `bf16`), rounding to
-// x's dtype wherever expert_out does (each projection's output and h), so the sum is the same;
-// route: the row weights (route[m * ldr]) or null. Every weight must pass decode_takes.
-inline void expert_into(const float* x, int64_t M, int64_t D, bool bf16, const Lin& w1, const Lin& w2,
-                        const Lin& w3, float limit, const float* route, int64_t ldr, float* acc) {
-  const int64_t F = std::get<1>(w1).size(0), out = std::get<1>(w2).size(0);
-  std::vector<float> g(M * F), u(M * F), h(M * F), o(M * out);
-  decode_into(w1, x, M, D, bf16, g.data());
-  decode_into(w3, x, M, D, bf16, u.data());
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t f = 0; f < F; ++f) {
-      float a = round_to(g[m * F + f], bf16), b = round_to(u[m * F + f], bf16);
-      if (limit > 0) {
-        a = std::min(a, limit);
-        b = std::min(std::max(b, -limit), limit);
+// One product (a batch of one): decode_takes(lin) first.
+inline void decode_into(const Lin& lin, const float* x, int64_t M, int64_t in, bool bf16, float* y) {
+  std::vector<DecodeJob> jobs;
+  jobs.emplace_back(lin, x, M, in, bf16, y);
+  run_decode(jobs);
+}
+
+// acc [M, D'] += SwiGLU experts of x [M, D] (fp32 values, bf16-exact when `bf16`), summed in list
+// order, rounding to x's dtype wherever expert_out does (each projection's output and h), so the sum
+// is the same; routes[e]: expert e's row weights (routes[e][m * ldr]) or null. Every weight must pass
+// decode_takes. All the experts' w1 and w3 products run as one batch, then all w2 products.
+using ExpertW = std::tuple<Lin, Lin, Lin>;
+
+inline void experts_into(const float* x, int64_t M, int64_t D, bool bf16, const std::vector<const ExpertW*>& experts,
+                         const std::vector<const float*>& routes, int64_t ldr, float limit, float* acc) {
+  const size_t E = experts.size();
+  std::vector<std::vector<float>> g(E), u(E), h(E), o(E);
+  std::vector<DecodeJob> jobs;
+  jobs.reserve(2 * E);
+  for (size_t e = 0; e < E; ++e) {
+    const auto& [w1, w2, w3] = *experts[e];
+    const int64_t F = std::get<1>(w1).size(0);
+    g[e].resize(M * F), u[e].resize(M * F);
+    jobs.emplace_back(w1, x, M, D, bf16, g[e].data());
+    jobs.emplace_back(w3, x, M, D, bf16, u[e].data());
+  }
+  run_decode(jobs);
+  jobs.clear();
+  for (size_t e = 0; e < E; ++e) {
+    const auto& [w1, w2, w3] = *experts[e];
+    const int64_t F = std::get<1>(w1).size(0);
+    h[e].resize(M * F);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t f = 0; f < F; ++f) {
+        float a = round_to(g[e][m * F + f], bf16), b = round_to(u[e][m * F + f], bf16);
+        if (limit > 0) {
+          a = std::min(a, limit);
+          b = std::min(std::max(b, -limit), limit);
+        }
+        const float v = a / (1.f + std::exp(-a)) * b;
+        h[e][m * F + f] = round_to(routes[e] ? v * routes[e][m * ldr] : v, bf16);
       }
-      const float v = a / (1.f + std::exp(-a)) * b;
-      h[m * F + f] = round_to(route ? v * route[m * ldr] : v, bf16);
-    }
-  decode_into(w2, h.data(), M, F, bf16, o.data());
-  for (int64_t i = 0; i < M * out; ++i) acc[i] += round_to(o[i], bf16);
+    o[e].resize(M * std::get<1>(w2).size(0));
+    jobs.emplace_back(w2, h[e].data(), M, F, bf16, o[e].data());
+  }
+  run_decode(jobs);
+  for (size_t e = 0; e < E; ++e)
+    for (size_t i = 0; i < o[e].size(); ++i) acc[i] += round_to(o[e][i], bf16);
 }
 
 // One SwiGLU expert for a few rows of x [M, D] (ops.expert_mlp): h = silu(min(w1 x, limit)) *
@@ -731,17 +841,29 @@ torch::Tensor experts_sum(const torch::Tensor& x, const std::vector<std::tuple<L
   std::vector<float> xf(M * D);  // x's values in fp32, for the tensor-free path
   for (int64_t i = 0; i < M * D; ++i)
     xf[i] = bf16 ? static_cast<float>(xc.data_ptr<at::BFloat16>()[i]) : xc.data_ptr<float>()[i];
+  // The experts the tensor-free path takes go as one batch; any other (a strided weight, a format
+  // the decode kernels lack) takes expert_out, its sum added in the same list order.
+  std::vector<const ExpertW*> batch;
+  std::vector<const float*> routes;
+  auto flush = [&] {
+    if (!batch.empty())
+      experts_into(xf.data(), M, D, bf16, batch, routes, route.size(-1), static_cast<float>(limit), acc.data_ptr<float>());
+    batch.clear(), routes.clear();
+  };
   for (size_t i = 0; i < experts.size(); ++i) {
     const auto& [w1, w2, w3] = experts[i];
     const int64_t F = std::get<1>(w1).size(0), slot = slots[i];
     TORCH_CHECK(slot < 0 || slot < route.size(-1), "experts_sum: slot ", slot, " of route ", route.sizes());
     if (decode_takes(w1, D, bf16) && decode_takes(w3, D, bf16) && decode_takes(w2, F, bf16) &&
-        std::get<1>(w3).size(0) == F && std::get<1>(w2).size(0) == out)
-      expert_into(xf.data(), M, D, bf16, w1, w2, w3, static_cast<float>(limit),
-                  slot >= 0 ? route.data_ptr<float>() + slot : nullptr, route.size(-1), acc.data_ptr<float>());
-    else
+        std::get<1>(w3).size(0) == F && std::get<1>(w2).size(0) == out) {
+      batch.push_back(&experts[i]);
+      routes.push_back(slot >= 0 ? route.data_ptr<float>() + slot : nullptr);
+    } else {
+      flush();
       add_into(acc, expert_out(x, w1, w2, w3, limit, route, slot));
+    }
   }
+  flush();
   return acc;
 }
 
