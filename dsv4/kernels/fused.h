@@ -537,11 +537,12 @@ inline torch::Tensor compressor_rows(const torch::Tensor& xf, const torch::Tenso
 // head weights [M, Hi] (fp32, times w_scale) and compressor rows [M, 2Ci]}; the last four are
 // empty tensors where the layer has no compressor / indexer.
 // lin: wq_a, wq_b, wkv [, the indexer's wq_b]. vec: q_norm, kv_norm [, compressor wkv, wgate, ape
-// [, indexer weights_proj, compressor wkv, wgate, ape]]. dims: H, Hi, hdi.
-std::vector<torch::Tensor> attn_project(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
-                                        const torch::Tensor& positions, const std::vector<Lin>& lin,
-                                        const std::vector<torch::Tensor>& vec, const std::vector<int64_t>& dims,
-                                        double eps, double w_scale) {
+// [, indexer weights_proj, compressor wkv, wgate, ape]]. dims: H, Hi, hdi. This is the op on
+// tensors; attn_project below runs the same products as two batches of decode products.
+std::vector<torch::Tensor> attn_project_tensors(const torch::Tensor& x, const torch::Tensor& cos,
+                                                const torch::Tensor& sin, const torch::Tensor& positions,
+                                                const std::vector<Lin>& lin, const std::vector<torch::Tensor>& vec,
+                                                const std::vector<int64_t>& dims, double eps, double w_scale) {
   check_float(x, "attn_project x");
   TORCH_CHECK(x.dim() == 2 && lin.size() >= 3 && vec.size() >= 2 && dims.size() == 3,
               "attn_project: x [M, D], lin [wq_a, wq_b, wkv (, indexer wq_b)], vec [q_norm, kv_norm, ...], dims [H, Hi, hdi]");
@@ -561,19 +562,6 @@ std::vector<torch::Tensor> attn_project(const torch::Tensor& x, const torch::Ten
     }
   }
   return {qr, q, kv, comp, iq, iw, irows};
-}
-
-// Attention.output for a few rows: o [M, H, hd] -> undo the values' RoPE at the query position,
-// the grouped wo_a (groups), then wo_b: [M, D].
-torch::Tensor attn_output(const torch::Tensor& o, const torch::Tensor& cos, const torch::Tensor& sin, const Lin& wo_a,
-                          const Lin& wo_b, int64_t groups) {
-  check_float(o, "attn_output o");
-  TORCH_CHECK(o.dim() == 3, "attn_output: o [M, H, hd], got ", o.sizes());
-  const int64_t M = o.size(0);
-  const auto r = norm_rope(o, c10::nullopt, -1.0, cos, sin, true);
-  const auto g = grouped_linear(r.reshape({M, groups, -1}), std::get<0>(wo_a), std::get<1>(wo_a),
-                                std::get<2>(wo_a), groups);
-  return linear_of(g.reshape({M, -1}), wo_b);
 }
 
 // ---- the decode paths without tensors ----
@@ -723,6 +711,123 @@ inline void decode_into(const Lin& lin, const float* x, int64_t M, int64_t in, b
   std::vector<DecodeJob> jobs;
   jobs.emplace_back(lin, x, M, in, bf16, y);
   run_decode(jobs);
+}
+
+// fp32 results as a tensor of x's dtype (bf16: rounded to nearest even, as the tensor ops do).
+inline torch::Tensor out_tensor(std::vector<float>& v, at::IntArrayRef sizes, bool bf16) {
+  const auto t = torch::from_blob(v.data(), sizes, torch::kFloat);
+  return bf16 ? t.to(torch::kBFloat16) : t.clone();
+}
+
+// attn_project_tensors' products as two batches of decode products (what reads x, then what reads
+// qr), where every weight is one decode_into takes; the same roundings and results.
+std::vector<torch::Tensor> attn_project(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
+                                        const torch::Tensor& positions, const std::vector<Lin>& lin,
+                                        const std::vector<torch::Tensor>& vec, const std::vector<int64_t>& dims,
+                                        double eps, double w_scale) {
+  check_float(x, "attn_project x");
+  TORCH_CHECK(x.dim() == 2 && lin.size() >= 3 && vec.size() >= 2 && dims.size() == 3,
+              "attn_project: x [M, D], lin [wq_a, wq_b, wkv (, indexer wq_b)], vec [q_norm, kv_norm, ...], dims [H, Hi, hdi]");
+  const bool bf16 = x.scalar_type() == torch::kBFloat16, comp = vec.size() >= 5, idx = comp && vec.size() == 9 && lin.size() == 4;
+  const int64_t M = x.size(0), D = x.size(1), R = std::get<1>(lin[0]).size(0);
+  auto dense = [](const torch::Tensor& w) { return Lin{0, w, w}; };
+  // first batch: (weight, reads x in x's dtype (else in fp32: the compressors))
+  std::vector<std::pair<Lin, bool>> first = {{lin[0], true}, {lin[2], true}};
+  if (comp) first.insert(first.end(), {{dense(vec[2]), false}, {dense(vec[3]), false}});
+  if (idx) first.insert(first.end(), {{dense(vec[5]), true}, {dense(vec[6]), false}, {dense(vec[7]), false}});
+  bool ok = true;
+  for (const auto& [l, own] : first) ok = ok && decode_takes(l, D, own && bf16);
+  for (size_t i : {size_t(1), size_t(3)})
+    if (i < lin.size() && (i == 1 || idx)) ok = ok && decode_takes(lin[i], R, bf16);
+  if (!ok) return attn_project_tensors(x, cos, sin, positions, lin, vec, dims, eps, w_scale);
+
+  const auto xc = f32c(x);
+  std::vector<std::vector<float>> y(first.size());
+  std::vector<DecodeJob> jobs;
+  jobs.reserve(first.size());
+  for (size_t i = 0; i < first.size(); ++i) {
+    y[i].resize(M * std::get<1>(first[i].first).size(0));
+    jobs.emplace_back(first[i].first, xc.data_ptr<float>(), M, D, first[i].second && bf16, y[i].data());
+  }
+  run_decode(jobs);
+  const auto qr = norm_rope(out_tensor(y[0], {M, R}, bf16), vec[0], eps, c10::nullopt, c10::nullopt, false);
+  const auto kv = norm_rope(out_tensor(y[1], {M, y[1].size() / M}, bf16), vec[1], eps, cos, sin, false);
+  const auto pos = positions.to(torch::kLong).contiguous();
+  // [kv | gate + ape[position % ratio]] in fp32 (compressor_rows)
+  auto rows = [&](size_t i, const torch::Tensor& ape) {
+    const int64_t C = y[i].size() / M, ratio = ape.size(0);
+    const auto a = f32c(ape);
+    auto t = torch::empty({M, 2 * C}, torch::kFloat);
+    float* T = t.data_ptr<float>();
+    for (int64_t m = 0; m < M; ++m) {
+      const float* ap = a.data_ptr<float>() + (pos.data_ptr<int64_t>()[m] % ratio) * C;
+      for (int64_t c = 0; c < C; ++c) {
+        T[m * 2 * C + c] = y[i][m * C + c];
+        T[m * 2 * C + C + c] = y[i + 1][m * C + c] + ap[c];
+      }
+    }
+    return t;
+  };
+  torch::Tensor none = torch::empty({0}), crows = none, iq = none, iw = none, irows = none;
+  if (comp) crows = rows(2, vec[4]);
+  if (idx) {
+    iw = torch::empty({M, dims[1]}, torch::kFloat);
+    for (int64_t i = 0; i < M * dims[1]; ++i) iw.data_ptr<float>()[i] = round_to(y[4][i], bf16) * static_cast<float>(w_scale);
+    irows = rows(5, vec[8]);
+  }
+  // second batch: what reads qr
+  const auto qf = f32c(qr);
+  std::vector<float> yq(M * std::get<1>(lin[1]).size(0)), yi(idx ? M * std::get<1>(lin[3]).size(0) : 0);
+  jobs.clear();
+  jobs.emplace_back(lin[1], qf.data_ptr<float>(), M, R, bf16, yq.data());
+  if (idx) jobs.emplace_back(lin[3], qf.data_ptr<float>(), M, R, bf16, yi.data());
+  run_decode(jobs);
+  const auto q = norm_rope(out_tensor(yq, {M, dims[0], static_cast<int64_t>(yq.size()) / (M * dims[0])}, bf16),
+                           c10::nullopt, eps, cos, sin, false);
+  if (idx) iq = norm_rope(out_tensor(yi, {M, dims[1], dims[2]}, bf16), c10::nullopt, -1.0, cos, sin, false);
+  return {qr, q, kv, crows, iq, iw, irows};
+}
+
+// Attention.output for a few rows: o [M, H, hd] -> undo the values' RoPE at the query position,
+// the grouped wo_a (groups), then wo_b: [M, D]. The groups' products run as one batch of decode
+// products, then wo_b (the tensor path where a weight is not one decode_into takes).
+torch::Tensor attn_output(const torch::Tensor& o, const torch::Tensor& cos, const torch::Tensor& sin, const Lin& wo_a,
+                          const Lin& wo_b, int64_t groups) {
+  check_float(o, "attn_output o");
+  TORCH_CHECK(o.dim() == 3 && groups > 0, "attn_output: o [M, H, hd], got ", o.sizes());
+  const int64_t M = o.size(0);
+  const auto r = norm_rope(o, c10::nullopt, -1.0, cos, sin, true).reshape({M, groups, -1});
+  const auto& [ka, wa, sa] = wo_a;
+  const int64_t in = r.size(2), rows = wa.size(0) / groups;
+  const bool bf16 = o.scalar_type() == torch::kBFloat16;
+  std::vector<Lin> parts;
+  bool ok = wa.size(0) % groups == 0 && (ka != 1 || rows % 128 == 0);
+  for (int64_t g = 0; ok && g < groups; ++g) {
+    const auto wg = wa.narrow(0, g * rows, rows);
+    parts.emplace_back(ka, wg, ka == 1 ? sa.narrow(0, g * rows / 128, rows / 128) : ka == 2 ? sa.narrow(0, g * rows, rows) : wg);
+    ok = decode_takes(parts.back(), in, bf16);
+  }
+  ok = ok && decode_takes(wo_b, groups * rows, bf16);
+  if (!ok) {
+    const auto g = grouped_linear(r, ka, wa, sa, groups);
+    return linear_of(g.reshape({M, -1}), wo_b);
+  }
+  const auto rf = f32c(r);  // [M, groups, in]
+  std::vector<float> xg(groups * M * in), yg(groups * M * rows);
+  for (int64_t g = 0; g < groups; ++g)
+    for (int64_t m = 0; m < M; ++m)
+      std::memcpy(&xg[(g * M + m) * in], rf.data_ptr<float>() + (m * groups + g) * in, in * sizeof(float));
+  std::vector<DecodeJob> jobs;
+  jobs.reserve(groups);
+  for (int64_t g = 0; g < groups; ++g) jobs.emplace_back(parts[g], &xg[g * M * in], M, in, bf16, &yg[g * M * rows]);
+  run_decode(jobs);
+  std::vector<float> flat(M * groups * rows);  // [M, groups * rows], rounded as grouped_linear's output
+  for (int64_t g = 0; g < groups; ++g)
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t i = 0; i < rows; ++i) flat[(m * groups + g) * rows + i] = round_to(yg[(g * M + m) * rows + i], bf16);
+  auto y = torch::empty({M, std::get<1>(wo_b).size(0)}, torch::kFloat);
+  decode_into(wo_b, flat.data(), M, groups * rows, bf16, y.data_ptr<float>());
+  return bf16 ? y.to(torch::kBFloat16) : y;
 }
 
 // acc [M, D'] += SwiGLU experts of x [M, D] (fp32 values, bf16-exact when `bf16`), summed in list
