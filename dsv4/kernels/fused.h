@@ -6,7 +6,13 @@
 // plain-torch reference (dsv4/model.py, dsv4/ops.py) step by step, rounding to the tensor dtype
 // exactly where it does (so bf16 results match bit for bit but for the last ulp of fp32 math
 // functions and summation order). Plain C++ (auto-vectorized with the build's -march), so the
-// AVX-512 and AVX2 builds share it. It knows nothing of models beyond these formulas.
+// AVX-512 and AVX2 builds share it, but for the dense GEMV's AVX-512 row dot. It knows nothing of
+// models beyond these formulas.
+//
+// Sections: mHC pre/post; RMSNorm + RoPE; the router; the dense GEMV; one decode token's attention
+// (sink attention, the indexer's top-k) and its projections (attn_project, attn_output); the decode
+// products without tensors (DecodeJob, run_decode: a batch of matrices in one parallel region, the
+// same row kernels as the quantized entry points above this file); the experts (experts_sum).
 
 #include <cmath>
 #include <limits>
