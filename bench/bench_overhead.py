@@ -12,12 +12,14 @@ its own source distribution, as bench_offload.py does), thread count and load (q
 busy-looping process): prefill tok/s of a 64-token prompt and greedy decode tok/s, each case in a
 fresh process. For dsv4 also the ATen ops one decode step dispatches (torch.profiler, nested ops
 included) and ms per layer per decoded token (1000 / decode tok/s / layers: on tiny models nearly
-all of it is fixed cost). Prints a markdown table, writes bench/results/overhead.md and overhead.png.
+all of it is fixed cost); with --batch N also tok/s of N sequences decoding together (one token each
+per step, as the server batches them). Prints a markdown table, writes bench/results/overhead.md and
+overhead.png.
 
 A script, not a test.
 
     python3 bench/bench_overhead.py [--models demo,tiny,small,flash] [--threads 1,2] [--loads quiet,busy]
-                                    [--decode-tokens 48] [--skip-llama] [--flash-llama] [--out NAME]
+                                    [--decode-tokens 48] [--skip-llama] [--flash-llama] [--batch 16] [--out NAME]
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ class Case:
     prefill_tps: float = 0.0
     decode_tps: float = 0.0
     aten_ops: int = 0  # per decode step (dsv4)
+    batch_tps: float = 0.0  # dsv4: --batch sequences decoding together, tokens/s of all of them
     layers: int = 0
     loadavg: float = 0.0
     error: str = ""
@@ -108,7 +111,31 @@ def worker_dsv4(spec: dict) -> dict:
     from dsv4 import kernels
 
     return dict(prefill_tps=stats.prefill_tps, decode_tps=stats.decode_tps, aten_ops=ops,
+                batch_tps=batched_decode_tps(eng, spec["ids"], spec.get("batch", 0)),
                 extra={"kernels": kernels.isa() or "torch"})  # fmt: skip
+
+
+def batched_decode_tps(eng, ids: list[int], batch: int, steps: int = 8, repeats: int = 5) -> float:
+    """Tokens/s of `batch` sequences (the prompt, each shifted by one more token) decoding one token
+    each per step, as the server's scheduler steps them (best of `repeats` runs of `steps` steps; the
+    sampled tokens are fixed, so this times the model's step and its logits only); 0 when batch < 2."""
+    import torch
+
+    if batch < 2:
+        return 0.0
+    model = eng.model
+    states = [eng.new_state() for _ in range(batch)]
+    best = float("inf")
+    with torch.inference_mode():
+        for i, st in enumerate(states):
+            model(model.make_batch([ids[i % len(ids) :] + ids[: i % len(ids)]], [st]), [st])
+        for _ in range(repeats):
+            t = time.perf_counter()
+            for k in range(steps):
+                step = [[ids[(i + k) % len(ids)]] for i in range(batch)]
+                model.logits_from(model(model.make_batch(step, states), states))
+            best = min(best, (time.perf_counter() - t) / steps)
+    return batch / best
 
 
 def worker_llama(spec: dict) -> dict:
@@ -153,10 +180,11 @@ def run_case(spec: dict, n_layers: int, flock: bool) -> Case:
 # ---- the report ----
 
 
-def table(cases: list[Case]) -> str:
+def table(cases: list[Case], batch: int = 0) -> str:
     rows = ["| model | threads | load | dsv4 prefill tok/s | dsv4 decode tok/s | ms / layer / token | ATen ops / step "
-            "| llama.cpp prefill tok/s | llama.cpp decode tok/s | decode dsv4 / llama.cpp |",
-            "|" + "---|" * 10]  # fmt: skip
+            "| llama.cpp prefill tok/s | llama.cpp decode tok/s | decode dsv4 / llama.cpp |"
+            + (f" dsv4 decode, {batch} sequences, tok/s |" if batch else ""),
+            "|" + "---|" * (11 if batch else 10)]  # fmt: skip
     keys = sorted(
         {(c.model, c.threads, c.load) for c in cases},
         key=lambda k: (MODELS.index(k[0]), k[1], k[2] != "quiet"),
@@ -172,6 +200,8 @@ def table(cases: list[Case]) -> str:
                   [f"{ll.prefill_tps:.1f}", f"{ll.decode_tps:.1f}"] if ll else ["-", "-"])  # fmt: skip
         ratio = d.decode_tps / ll.decode_tps if d and ll and d.decode_tps and ll.decode_tps else None
         cells.append(f"{ratio:.2f}x" if ratio else "-")
+        if batch:
+            cells.append(f"{d.batch_tps:.1f}" if d and d.batch_tps else "-")
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
@@ -237,6 +267,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--dir", type=Path, default=Path("/tmp/dsv4-overhead"), help="where tiny/small and GGUFs go"
     )
     p.add_argument("--skip-llama", action="store_true")
+    p.add_argument("--batch", type=int, default=0,
+                   help="also time dsv4 decoding this many sequences together (the server's batched steps)")  # fmt: skip
     p.add_argument(
         "--flash-llama", action="store_true", help="convert the Flash slice to GGUF and run llama.cpp"
     )
@@ -263,11 +295,11 @@ def main(argv: list[str] | None = None) -> None:
         for threads in map(int, a.threads.split(",")):
             for load in a.loads.split(","):
                 spec = dict(model=name, dir=str(path), gguf=str(gguf), ids=ids, warmup=warm, threads=threads,
-                            load=load, decode_tokens=a.decode_tokens)  # fmt: skip
+                            load=load, decode_tokens=a.decode_tokens, batch=a.batch)  # fmt: skip
                 cases.append(run_case({**spec, "engine": "dsv4"}, n_layers, flock=name == "flash"))
                 if gguf is not None:
                     cases.append(run_case({**spec, "engine": "llama.cpp"}, n_layers, flock=name == "flash"))
-    md = table(cases)
+    md = table(cases, a.batch)
     print(md)
     out = BENCH / "results"
     head = (f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: `python3 bench/bench_overhead.py "
