@@ -369,8 +369,8 @@ class Attention(nn.Module):
 
     def _fused_args(self, x: torch.Tensor):
         """The layer's weights as the fused decode ops take them ((project args), (output args)), when
-        they take x [T, ...] (a few rows, exact numerics, weight formats they know); else None."""
-        if x.shape[0] > ops.GEMV_ROWS or self.numerics.released or kernels.fused(x) is None:
+        they take x [T, ...] (up to DECODE_ROWS rows, exact numerics, weight formats they know); else None."""
+        if x.shape[0] > ops.DECODE_ROWS or self.numerics.released or kernels.fused(x) is None:
             return None
         if self._fused is None:  # built once; `_apply` (.to(), .float(), ...) drops it
             lins = [self.wq_a.w, self.wq_b.w, self.wkv.w] + ([self.indexer.wq_b.w] if self.indexer is not None else [])

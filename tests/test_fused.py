@@ -228,7 +228,7 @@ def test_expert_mlp(fmt, dtype, rows):
 
 @needs_compiled
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("T", [1, 3])
+@pytest.mark.parametrize("T", [1, 3, 16])  # 16: a batch of decoding sequences
 def test_attention_projections(tmp_path, dtype, T):
     """An attention layer's projections and output projection for a few rows (one fused call each)
     against the reference, for a sliding, a CSA and an HCA layer, in the checkpoint's formats (wo_a
