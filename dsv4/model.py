@@ -560,12 +560,22 @@ class MoE(nn.Module):
         # decode (one token, K distinct experts): no gather/scatter, y + out is what index_add computes
         slot_of = {e: k for k, e in enumerate(ids[0].tolist())} if ids.shape[0] == 1 else {}
         one = len(slot_of) == ids.shape[1]
+        # a few tokens (a batch of decoding sequences): each expert's (token, router weight) pairs
+        pairs: dict[int, list[tuple[int, float]]] = {}
+        if not one and x.shape[0] <= ops.DECODE_ROWS:
+            for t, (row, w) in enumerate(zip(ids.tolist(), weights.tolist(), strict=True)):
+                for e, wk in zip(row, w, strict=True):
+                    pairs.setdefault(e, []).append((t, wk))
         for i in range(0, len(used), group):
             chunk = used[i : i + group]
             got = self.experts.get(chunk)
             # a fixed order: the sum must not depend on where experts came from
             if one:  # the chunk in one fused call
                 y = ops.experts_sum(x, [got[e] for e in chunk], self.limit, weights, [slot_of[e] for e in chunk], y)
+            elif pairs:  # the chunk in one fused call
+                rows = [[t for t, _ in pairs[e]] for e in chunk]
+                scales = [[w for _, w in pairs[e]] for e in chunk]
+                y = ops.experts_rows(x, [got[e] for e in chunk], rows, scales, self.limit, y)
             else:
                 for e in chunk:
                     w1, w2, w3 = got[e]

@@ -165,6 +165,25 @@ def experts_sum(x: torch.Tensor, experts: list[tuple[Weight, Weight, Weight]], l
     return acc
 
 
+def experts_rows(x: torch.Tensor, experts: list[tuple[Weight, Weight, Weight]], rows: list[list[int]],
+                 scales: list[list[float]], limit: float, acc: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """`acc` (fp32 `[T, D]`) plus, for each expert in list order, its `expert_mlp` output on x's rows
+    `rows[i]`, scaled by `scales[i]` (a router weight per row), added into those rows: a few tokens'
+    routed experts (a batch of decoding sequences) as two batches of decode products where the kernels
+    take them. The fused path adds in place."""
+    if x.dim() == 2 and x.shape[0] <= DECODE_ROWS:
+        ext = kernels.fused(x, acc)
+        if ext is not None and all(type(w) in KIND for ws in experts for w in ws):
+            parts = [tuple(weight_parts(w) for w in ws) for ws in experts]
+            return ext.experts_rows(x, parts, rows, scales, limit, acc)
+    for (w1, w2, w3), r, sc in zip(experts, rows, scales, strict=True):
+        if r:
+            idx = torch.tensor(r, device=x.device)
+            scale = torch.tensor(sc, dtype=torch.float32, device=x.device)[:, None]
+            acc = acc.index_add(0, idx, expert_mlp(x[idx], w1, w2, w3, limit, scale).float())
+    return acc
+
+
 def expert_mlp_torch(x: torch.Tensor, w1: Weight, w2: Weight, w3: Weight, limit: float,
                      scale: torch.Tensor | None = None, acc: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """The reference `expert_mlp`."""

@@ -256,3 +256,24 @@ def test_attention_projections(tmp_path, dtype, T):
             else:
                 agree(g, r)
         agree(attn.output(o, cos_sin), attn.output_torch(o, cos_sin))
+
+
+@needs_compiled
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_experts_rows(dtype):
+    """A few tokens' routed experts, each on its own rows (one of them on none, one on a row twice):
+    the fused call against torch.where-style gather, expert_mlp and index_add per expert."""
+    from dsv4.quant import MXFP4, FP8Block, quantize_fp8_block, quantize_mxfp4
+
+    w = [rand(192, 256, seed=1, scale=0.1), rand(256, 192, seed=2, scale=0.1), rand(192, 256, seed=3, scale=0.1)]
+    experts = [tuple(MXFP4(*quantize_mxfp4(t)) for t in w), tuple(FP8Block(*quantize_fp8_block(t)) for t in w),
+               tuple(MXFP4(*quantize_mxfp4(t * 0.5)) for t in w)]  # fmt: skip
+    x = rand(7, 256, dtype=dtype, seed=4)
+    rows, scales = [[0, 3, 6], [], [1, 1, 5]], [[0.5, 0.25, 1.0], [], [0.3, 0.2, 0.9]]
+    acc = rand(7, 256, seed=5)
+    ref = acc.clone()
+    for ws, r, sc in zip(experts, rows, scales, strict=True):
+        for t, s_ in zip(r, sc, strict=True):  # row by row: the reference's sum, whatever its grouping
+            ref[t] += ops.expert_mlp_torch(x[t : t + 1], *ws, 0.5, torch.tensor([[s_]])).float()[0]
+    got = ops.experts_rows(x, experts, rows, scales, 0.5, acc)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=2e-2 if dtype == torch.bfloat16 else 1e-5)

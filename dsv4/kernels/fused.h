@@ -836,49 +836,6 @@ torch::Tensor attn_output(const torch::Tensor& o, const torch::Tensor& cos, cons
   return bf16 ? y.to(torch::kBFloat16) : y;
 }
 
-// acc [M, D'] += SwiGLU experts of x [M, D] (fp32 values, bf16-exact when `bf16`), summed in list
-// order, rounding to x's dtype wherever expert_out does (each projection's output and h), so the sum
-// is the same; routes[e]: expert e's row weights (routes[e][m * ldr]) or null. Every weight must pass
-// decode_takes. All the experts' w1 and w3 products run as one batch, then all w2 products.
-using ExpertW = std::tuple<Lin, Lin, Lin>;
-
-inline void experts_into(const float* x, int64_t M, int64_t D, bool bf16, const std::vector<const ExpertW*>& experts,
-                         const std::vector<const float*>& routes, int64_t ldr, float limit, float* acc) {
-  const size_t E = experts.size();
-  std::vector<std::vector<float>> g(E), u(E), h(E), o(E);
-  std::vector<DecodeJob> jobs;
-  jobs.reserve(2 * E);
-  for (size_t e = 0; e < E; ++e) {
-    const auto& [w1, w2, w3] = *experts[e];
-    const int64_t F = std::get<1>(w1).size(0);
-    g[e].resize(M * F), u[e].resize(M * F);
-    jobs.emplace_back(w1, x, M, D, bf16, g[e].data());
-    jobs.emplace_back(w3, x, M, D, bf16, u[e].data());
-  }
-  run_decode(jobs);
-  jobs.clear();
-  for (size_t e = 0; e < E; ++e) {
-    const auto& [w1, w2, w3] = *experts[e];
-    const int64_t F = std::get<1>(w1).size(0);
-    h[e].resize(M * F);
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t f = 0; f < F; ++f) {
-        float a = round_to(g[e][m * F + f], bf16), b = round_to(u[e][m * F + f], bf16);
-        if (limit > 0) {
-          a = std::min(a, limit);
-          b = std::min(std::max(b, -limit), limit);
-        }
-        const float v = a / (1.f + std::exp(-a)) * b;
-        h[e][m * F + f] = round_to(routes[e] ? v * routes[e][m * ldr] : v, bf16);
-      }
-    o[e].resize(M * std::get<1>(w2).size(0));
-    jobs.emplace_back(w2, h[e].data(), M, F, bf16, o[e].data());
-  }
-  run_decode(jobs);
-  for (size_t e = 0; e < E; ++e)
-    for (size_t i = 0; i < o[e].size(); ++i) acc[i] += round_to(o[e][i], bf16);
-}
-
 // One SwiGLU expert for a few rows of x [M, D] (ops.expert_mlp): h = silu(min(w1 x, limit)) *
 // clamp(w3 x, -limit, limit) in fp32 (no clamping when limit <= 0), times route[:, slot] when
 // slot >= 0, rounded to x's dtype; returns w2 h in x's dtype.
@@ -932,10 +889,124 @@ torch::Tensor expert_mlp(const torch::Tensor& x, const Lin& w1, const Lin& w2, c
   return *acc;
 }
 
+// SwiGLU experts, each on its own rows: item e takes x_e [M_e, D] (fp32 values, bf16-exact when
+// `bf16`), scales its h rows by scale_e (empty: unscaled) and adds its output rows into acc rows
+// rows_e (acc fp32, row length ldacc), items in list order; the roundings are expert_out's (each
+// projection's output and h to x's dtype), so the sums are the same. Every weight must pass
+// decode_takes. All the items' w1 and w3 products run as one batch, then all w2 products.
+using ExpertW = std::tuple<Lin, Lin, Lin>;
+
+struct ExpertRows {
+  const ExpertW* w;
+  std::vector<float> x;        // [M, D]
+  std::vector<float> scale;    // [M] or empty
+  std::vector<int64_t> rows;   // [M]: where each row's output goes in acc
+};
+
+inline void experts_into(const std::vector<ExpertRows>& items, int64_t D, bool bf16, float limit, float* acc,
+                         int64_t ldacc) {
+  const size_t E = items.size();
+  std::vector<std::vector<float>> g(E), u(E), h(E), o(E);
+  std::vector<DecodeJob> jobs;
+  jobs.reserve(2 * E);
+  for (size_t e = 0; e < E; ++e) {
+    const auto& [w1, w2, w3] = *items[e].w;
+    const int64_t M = items[e].rows.size(), F = std::get<1>(w1).size(0);
+    g[e].resize(M * F), u[e].resize(M * F);
+    jobs.emplace_back(w1, items[e].x.data(), M, D, bf16, g[e].data());
+    jobs.emplace_back(w3, items[e].x.data(), M, D, bf16, u[e].data());
+  }
+  run_decode(jobs);
+  jobs.clear();
+  for (size_t e = 0; e < E; ++e) {
+    const auto& [w1, w2, w3] = *items[e].w;
+    const int64_t M = items[e].rows.size(), F = std::get<1>(w1).size(0);
+    h[e].resize(M * F);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t f = 0; f < F; ++f) {
+        float a = round_to(g[e][m * F + f], bf16), b = round_to(u[e][m * F + f], bf16);
+        if (limit > 0) {
+          a = std::min(a, limit);
+          b = std::min(std::max(b, -limit), limit);
+        }
+        const float v = a / (1.f + std::exp(-a)) * b;
+        h[e][m * F + f] = round_to(items[e].scale.empty() ? v : v * items[e].scale[m], bf16);
+      }
+    o[e].resize(M * std::get<1>(w2).size(0));
+    jobs.emplace_back(w2, h[e].data(), M, F, bf16, o[e].data());
+  }
+  run_decode(jobs);
+  for (size_t e = 0; e < E; ++e) {
+    const int64_t M = items[e].rows.size(), out = o[e].size() / std::max<int64_t>(M, 1);
+    for (int64_t m = 0; m < M; ++m) {
+      float* dst = acc + items[e].rows[m] * ldacc;
+      for (int64_t i = 0; i < out; ++i) dst[i] += round_to(o[e][m * out + i], bf16);
+    }
+  }
+}
+
+// Whether the tensor-free path takes this expert for x rows of width D.
+inline bool expert_takes(const ExpertW& ex, int64_t D, int64_t out, bool bf16) {
+  const auto& [w1, w2, w3] = ex;
+  const int64_t F = std::get<1>(w1).size(0);
+  return decode_takes(w1, D, bf16) && decode_takes(w3, D, bf16) && decode_takes(w2, F, bf16) &&
+         std::get<1>(w3).size(0) == F && std::get<1>(w2).size(0) == out;
+}
+
+// x's rows as fp32 values.
+inline std::vector<float> rows_f32(const torch::Tensor& x) {
+  const auto xc = x.contiguous();
+  std::vector<float> xf(xc.numel());
+  const bool bf16 = x.scalar_type() == torch::kBFloat16;
+  for (int64_t i = 0; i < xc.numel(); ++i)
+    xf[i] = bf16 ? static_cast<float>(xc.data_ptr<at::BFloat16>()[i]) : xc.data_ptr<float>()[i];
+  return xf;
+}
+
+// MoE.add_routed for a few tokens, each routed to its own experts: acc [T, D] fp32 (in place) +=
+// for each expert e in list order, its SwiGLU output on x's rows rows[e], scaled by scales[e] (one
+// weight per row): what a torch.where + expert_mlp + index_add per expert computes, as two batches
+// of decode products.
+torch::Tensor experts_rows(const torch::Tensor& x, const std::vector<ExpertW>& experts,
+                           const std::vector<std::vector<int64_t>>& rows, const std::vector<std::vector<double>>& scales,
+                           double limit, torch::Tensor acc) {
+  check_float(x, "experts_rows x");
+  const int64_t T = x.size(0), D = x.size(1);
+  TORCH_CHECK(x.dim() == 2 && experts.size() == rows.size() && rows.size() == scales.size() &&
+                  acc.scalar_type() == torch::kFloat && acc.is_contiguous() && acc.dim() == 2 && acc.size(0) == T,
+              "experts_rows: x [T, D], acc fp32 [T, D'], rows and scales per expert");
+  const bool bf16 = x.scalar_type() == torch::kBFloat16;
+  const auto xf = rows_f32(x);
+  std::vector<ExpertRows> items;
+  auto flush = [&] {
+    if (!items.empty()) experts_into(items, D, bf16, static_cast<float>(limit), acc.data_ptr<float>(), acc.size(1));
+    items.clear();
+  };
+  for (size_t e = 0; e < experts.size(); ++e) {
+    const int64_t M = rows[e].size();
+    TORCH_CHECK(static_cast<int64_t>(scales[e].size()) == M, "experts_rows: a scale per row");
+    for (int64_t r : rows[e]) TORCH_CHECK(r >= 0 && r < T, "experts_rows: row ", r, " outside [0, ", T, ")");
+    if (M == 0) continue;
+    ExpertRows it{&experts[e], std::vector<float>(M * D), std::vector<float>(scales[e].begin(), scales[e].end()), rows[e]};
+    for (int64_t m = 0; m < M; ++m) std::memcpy(&it.x[m * D], &xf[rows[e][m] * D], D * sizeof(float));
+    if (expert_takes(experts[e], D, acc.size(1), bf16)) {
+      items.push_back(std::move(it));
+      continue;
+    }
+    flush();  // the tensor path for this one, in the same order
+    const auto idx = torch::tensor(rows[e], torch::kLong);
+    const auto sc = torch::tensor(std::vector<float>(scales[e].begin(), scales[e].end())).view({M, 1});
+    const auto& [w1, w2, w3] = experts[e];
+    acc.index_add_(0, idx, expert_out(x.index_select(0, idx), w1, w2, w3, limit, sc, 0).to(torch::kFloat));
+  }
+  flush();
+  return acc;
+}
+
 // Several experts for a few rows, summed in list order into fp32: acc (zeros when not given) +=
 // expert_i(x) scaled by route[:, slots[i]] (unscaled where slots[i] < 0: the shared expert).
 // One call for a decode token's MoE (MoE.add_experts).
-torch::Tensor experts_sum(const torch::Tensor& x, const std::vector<std::tuple<Lin, Lin, Lin>>& experts,
+torch::Tensor experts_sum(const torch::Tensor& x, const std::vector<ExpertW>& experts,
                           const std::vector<int64_t>& slots, const torch::Tensor& route_in, double limit,
                           c10::optional<torch::Tensor> acc_in) {
   check_float(x, "experts_sum x");
@@ -948,29 +1019,26 @@ torch::Tensor experts_sum(const torch::Tensor& x, const std::vector<std::tuple<L
                   acc.size(1) == out,
               "experts_sum: acc fp32 contiguous [", M, ", ", out, "], got ", acc.sizes());
   const bool bf16 = x.scalar_type() == torch::kBFloat16;
-  const auto xc = x.contiguous();
-  std::vector<float> xf(M * D);  // x's values in fp32, for the tensor-free path
-  for (int64_t i = 0; i < M * D; ++i)
-    xf[i] = bf16 ? static_cast<float>(xc.data_ptr<at::BFloat16>()[i]) : xc.data_ptr<float>()[i];
+  const auto xf = rows_f32(x);
+  std::vector<int64_t> all(M);
+  for (int64_t m = 0; m < M; ++m) all[m] = m;
   // The experts the tensor-free path takes go as one batch; any other (a strided weight, a format
   // the decode kernels lack) takes expert_out, its sum added in the same list order.
-  std::vector<const ExpertW*> batch;
-  std::vector<const float*> routes;
+  std::vector<ExpertRows> items;
   auto flush = [&] {
-    if (!batch.empty())
-      experts_into(xf.data(), M, D, bf16, batch, routes, route.size(-1), static_cast<float>(limit), acc.data_ptr<float>());
-    batch.clear(), routes.clear();
+    if (!items.empty()) experts_into(items, D, bf16, static_cast<float>(limit), acc.data_ptr<float>(), out);
+    items.clear();
   };
   for (size_t i = 0; i < experts.size(); ++i) {
-    const auto& [w1, w2, w3] = experts[i];
-    const int64_t F = std::get<1>(w1).size(0), slot = slots[i];
+    const int64_t slot = slots[i];
     TORCH_CHECK(slot < 0 || slot < route.size(-1), "experts_sum: slot ", slot, " of route ", route.sizes());
-    if (decode_takes(w1, D, bf16) && decode_takes(w3, D, bf16) && decode_takes(w2, F, bf16) &&
-        std::get<1>(w3).size(0) == F && std::get<1>(w2).size(0) == out) {
-      batch.push_back(&experts[i]);
-      routes.push_back(slot >= 0 ? route.data_ptr<float>() + slot : nullptr);
+    if (expert_takes(experts[i], D, out, bf16)) {
+      std::vector<float> scale;
+      for (int64_t m = 0; slot >= 0 && m < M; ++m) scale.push_back(route.data_ptr<float>()[m * route.size(-1) + slot]);
+      items.push_back(ExpertRows{&experts[i], xf, std::move(scale), all});
     } else {
       flush();
+      const auto& [w1, w2, w3] = experts[i];
       add_into(acc, expert_out(x, w1, w2, w3, limit, route, slot));
     }
   }
