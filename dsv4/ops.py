@@ -152,8 +152,9 @@ def experts_sum(x: torch.Tensor, experts: list[tuple[Weight, Weight, Weight]], l
                 slots: list[int | None], acc: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """`acc` (fp32 `[T, D]`, zeros when None) plus each expert's `expert_mlp` output, in list order,
     expert i scaled by `route[:, slots[i]]` (`route` `[T, K]` fp32; unscaled where the slot is None).
-    One fused call for a decode token's experts where the kernels take it."""
-    if x.dim() == 2 and x.shape[0] <= GEMV_ROWS:
+    One fused call (two batches of decode products) for up to DECODE_ROWS tokens where the kernels
+    take it: a decode token's experts, or the shared expert of a batch of decoding sequences."""
+    if x.dim() == 2 and x.shape[0] <= DECODE_ROWS:
         ext = kernels.fused(x, route, acc)
         if ext is not None and all(type(w) in KIND for ws in experts for w in ws):
             parts = [tuple(weight_parts(w) for w in ws) for ws in experts]

@@ -190,7 +190,7 @@ def test_indexer_top(n):
 @needs_compiled
 @pytest.mark.parametrize("fmt", ["dense", "fp8", "mxfp4"])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("rows", [1, 3, 16])  # 16: experts_sum for a batch of decoding sequences
 def test_expert_mlp(fmt, dtype, rows):
     from dsv4.quant import MXFP4, Dense, FP8Block, quantize_fp8_block, quantize_mxfp4
 
