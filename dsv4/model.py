@@ -352,9 +352,10 @@ class Attention(nn.Module):
         """Every token's projections: x [T, D] -> q [T, H, hd], kv [T, hd], the compressor's rows
         (None without one), the indexer's (queries, head weights, compressor rows) (None without one)."""
         args = self._fused_args(x)
-        if args is None:
+        out = kernels.fused(x).attn_project(x, *cos_sin, positions, *args[0]) if args is not None else None
+        if not out:  # not fused here (or a weight the decode products do not take)
             return self.project_torch(x, positions, cos_sin)
-        qr, q, kv, comp, iq, iw, irows = kernels.fused(x).attn_project(x, *cos_sin, positions, *args[0])
+        qr, q, kv, comp, iq, iw, irows = out
         return q, kv, comp if self.compressor is not None else None, (iq, iw, irows) if self.indexer is not None else None
 
     def project_torch(self, x: torch.Tensor, positions: torch.Tensor, cos_sin):
@@ -408,9 +409,8 @@ class Attention(nn.Module):
         """Attention output o [T, H, hd] -> [T, D]: undo the values' RoPE at the query position, then the
         grouped wo_a and wo_b."""
         args = self._fused_args(o)
-        if args is not None:
-            return kernels.fused(o).attn_output(o, *cos_sin, *args[1])
-        return self.output_torch(o, cos_sin)
+        out = kernels.fused(o).attn_output(o, *cos_sin, *args[1]) if args is not None else None
+        return out if out is not None else self.output_torch(o, cos_sin)
 
     def output_torch(self, o: torch.Tensor, cos_sin) -> torch.Tensor:
         """The reference `output`."""

@@ -247,6 +247,9 @@ def test_attention_projections(tmp_path, dtype, T):
         cos_sin = model.ropes[attn.rope_kind](positions)
         got, ref = attn.project(x, positions, cos_sin), attn.project_torch(x, positions, cos_sin)
         assert attn._fused_args(x) is not None, f"layer {i}: the fused ops should take this layer"
+        # ... and the decode products take its weights (no silent fall back to the reference)
+        ext, args = kernels.fused(x), attn._fused_args(x)
+        assert ext.attn_project(x, *cos_sin, positions, *args[0]) and ext.attn_output(o, *cos_sin, *args[1]) is not None
         for g, r in zip(got, ref, strict=True):
             if g is None or r is None:
                 assert g is r is None

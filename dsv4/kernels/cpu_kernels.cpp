@@ -6,7 +6,8 @@
 // Two paths per format:
 //   decode (few rows of x): the weight streams from memory once; codes are expanded to fp32 in
 //     registers and FMA'd with a copy of x whose columns were permuted to match the order the
-//     expansion produces (so no shuffles are needed to restore the input order).
+//     expansion produces (so no shuffles are needed to restore the input order). decode.h drives
+//     the row kernels, for these entry points and for the fused ops alike.
 //   prefill (many rows of x): the weight is dequantized in row chunks (same permuted column order)
 //     into a fp32 buffer and multiplied with at::mm, which is compute-bound there anyway.
 // The instruction set is chosen when the file is compiled: avx512.h (AVX-512 F/BW/VL) or avx2.h
@@ -205,20 +206,6 @@ bool is_byte(const torch::Tensor& t) {
          st == at::ScalarType::Float8_e4m3fn;
 }
 
-// The MXFP4 decode driver: tiles of kTileRows weight rows across threads, into yd [M, out_f] fp32
-// (zeroed by the caller). row(g, r, m0, c0, c1, pf, yd + m0 * out_f + r) adds weight row r's part
-// for x rows m0..m0+g-1. The decode paths below write into a caller's buffer (`decode_into` runs
-// them without a tensor), their tensor entry points allocate it.
-template <class RowFn>
-void mx_decode_rows(int64_t in, int64_t out_f, int64_t M, int64_t kp, float* yd, RowFn&& row) {
-  at::parallel_for(0, ceil_div(out_f, kTileRows), tile_grain(in / 2), [&](int64_t t0, int64_t t1) {
-    for_tile(t0 * kTileRows, std::min(out_f, t1 * kTileRows), M, kp / kMxChunk, kMxChunk, in / 2,
-             [&](auto g, int64_t r, int64_t m0, int64_t c0, int64_t c1, int64_t pf) {
-               row(g, r, m0, c0, c1, pf, yd + m0 * out_f + r);
-             });
-  });
-}
-
 #ifdef __AVX512BF16__
 // ---- MXFP4 decode with bf16 dot products (x in bf16) --------------------------------------
 // When x is bf16 its values are exact in bf16, and so is every e2m1 code: vdpbf16ps multiplies
@@ -251,13 +238,7 @@ void permute_bf16_into(const uint16_t* xs, int64_t M, int64_t in, uint16_t* xp) 
         if (c + idx[p] < in) xp[m * kp + c + p] = xs[m * in + c + idx[p]];
 }
 
-torch::Tensor permute_x_bf16(const torch::Tensor& x, int64_t in) {
-  auto out = torch::zeros({x.size(0), ceil_div(in, kMxChunk) * kMxChunk}, x.options());
-  permute_bf16_into(static_cast<const uint16_t*>(x.data_ptr()), x.size(0), in, static_cast<uint16_t*>(out.data_ptr()));
-  return out;
-}
-
-// y[m] += sum over chunks [c0, c1) of a row, for M rows of bf16 x permuted by permute_x_bf16.
+// y[m] += sum over chunks [c0, c1) of a row, for M rows of bf16 x permuted by permute_bf16_into.
 // Loads stay inside the row's bytes (a last half of 16 bytes is a masked load).
 template <int M>
 inline void mxb_row(const uint8_t* w, const uint8_t* s, int64_t in, int64_t c0, int64_t c1, int64_t pf,
@@ -298,52 +279,9 @@ inline void mxb_row(const uint8_t* w, const uint8_t* s, int64_t in, int64_t c0, 
   for (int m = 0; m < M; ++m) y[m * ldy] += _mm512_reduce_add_ps(acc[m]);
 }
 
-void mxb_decode(const uint8_t* w, const uint8_t* s, int64_t in, int64_t out_f, int64_t M,
-                const uint16_t* xb, int64_t kp, float* yd) {
-  mx_decode_rows(in, out_f, M, kp, yd, [&](auto g, int64_t r, int64_t m0, int64_t c0, int64_t c1,
-                                              int64_t pf, float* yr) {
-    mxb_row<decltype(g)::value>(w + r * (in / 2), s + r * (in / 32), in, c0, c1, pf, xb + m0 * kp, kp,
-                                yr, out_f);
-  });
-}
 #endif  // __AVX512BF16__
 
-void mx_decode(const uint8_t* w, const uint8_t* s, int64_t in, int64_t out_f, int64_t M,
-               const float* xd, int64_t kp, float* yd) {
-  mx_decode_rows(in, out_f, M, kp, yd, [&](auto g, int64_t r, int64_t m0, int64_t c0, int64_t c1,
-                                              int64_t pf, float* yr) {
-    mx_row<decltype(g)::value>(w + r * (in / 2), s + r * (in / 32), in, c0, c1, r == out_f - 1, pf,
-                               xd + m0 * kp, kp, yr, out_f);
-  });
-}
-
-void f8_decode(const uint8_t* w, const float* sc, int64_t nbi, int64_t in, int64_t out_f,
-               int64_t M, const float* xd, int64_t kp, float* yd) {
-  at::parallel_for(0, ceil_div(out_f, kTileRows), tile_grain(in), [&](int64_t t0, int64_t t1) {
-    // x times the scales of the current 128-row block, rebuilt when the block changes.
-    std::vector<float> xs(M * kp);
-    int64_t cur = -1;
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t r0 = t * kTileRows, rb = r0 / 128;
-      if (rb != cur) {
-        cur = rb;
-        for (int64_t m = 0; m < M; ++m)
-          for (int64_t i0 = 0; i0 < kp; i0 += 128) {  // kp is a multiple of 64, not of 128
-            const float s = sc[rb * nbi + i0 / 128];
-            for (int64_t i = i0; i < std::min(kp, i0 + 128); ++i) xs[m * kp + i] = xd[m * kp + i] * s;
-          }
-      }
-      for_tile(r0, std::min(out_f, r0 + kTileRows), M, kp / kF8Chunk, kF8Chunk, in,
-               [&](auto g, int64_t r, int64_t m0, int64_t c0, int64_t c1, int64_t pf) {
-                 f8_row<decltype(g)::value>(w + r * in, in, c0, c1, pf, xs.data() + m0 * kp, kp,
-                                            yd + m0 * out_f + r, out_f);
-               });
-    }
-  });
-}
-
-// y [M, out_f] fp32 zeros, for the decode paths to add into.
-torch::Tensor zeros_y(int64_t M, int64_t out_f) { return torch::zeros({M, out_f}, torch::kFloat); }
+#include "decode.h"
 
 }  // namespace
 
@@ -364,16 +302,13 @@ torch::Tensor mxfp4_linear(const torch::Tensor& x_in, const torch::Tensor& weigh
   const auto* w = static_cast<const uint8_t*>(weight.data_ptr());
   const auto* s = static_cast<const uint8_t*>(scale.data_ptr());
 #ifdef __AVX512BF16__
-  // One row of bf16 x (batch-1 decode): bf16 dot products, 2-14 % faster than the fp32 path in
-  // back-to-back bench_kernels runs (2 threads). From 2 rows on the fp32 path's shared expansion wins.
-  if (M == 1 && x.scalar_type() == torch::kBFloat16) {
-    const auto xb = permute_x_bf16(x, in);
-    const auto* xbd = static_cast<const uint16_t*>(xb.data_ptr());
-    auto y = zeros_y(M, out_f);
-    mxb_decode(w, s, in, out_f, M, xbd, xb.size(1), y.data_ptr<float>());
-    return finish(y, x_in, fp32_out);
-  }
+  // One row of bf16 x (batch-1 decode) takes bf16 dot products whatever the threshold: 2-14 %
+  // faster than the fp32 path in back-to-back bench_kernels runs (2 threads).
+  const bool one_bf16 = M == 1 && x.scalar_type() == torch::kBFloat16;
+#else
+  const bool one_bf16 = false;
 #endif
+  if (M < prefill_rows || one_bf16) return finish(decode(Lin{2, weight, scale}, x), x_in, fp32_out);
   auto xp = permute_x<kMxChunk, mx_src>(x.to(torch::kFloat));
   const int64_t kp = xp.size(1);
   if (M >= prefill_rows && bf16_gemm(x_in, fp32_out)) {
@@ -383,14 +318,9 @@ torch::Tensor mxfp4_linear(const torch::Tensor& x_in, const torch::Tensor& weigh
                                            }),
                   x_in, fp32_out);
   }
-  if (M >= prefill_rows) {
-    return finish(dequant_mm<float>(xp, out_f, [&](int64_t r0, int64_t r1, float* dst) {
-      mx_dequant(w, s, in, r0, r1, kp, dst);
-    }), x_in, fp32_out);
-  }
-  auto y = zeros_y(M, out_f);
-  mx_decode(w, s, in, out_f, M, xp.data_ptr<float>(), kp, y.data_ptr<float>());
-  return finish(y, x_in, fp32_out);
+  return finish(dequant_mm<float>(xp, out_f, [&](int64_t r0, int64_t r1, float* dst) {
+    mx_dequant(w, s, in, r0, r1, kp, dst);
+  }), x_in, fp32_out);
 }
 
 // x [..., in] fp32/bf16; weight e4m3fn (or its uint8 bytes) [out, in]; scale e8m0 bytes or any float
@@ -404,9 +334,10 @@ torch::Tensor fp8_linear(const torch::Tensor& x_in, const torch::Tensor& weight_
               "FP8 scale grid: [", ceil_div(out_f, 128), ", ", nbi, "], got ", scale_in.sizes());
   const auto x = rows_of(x_in, in);
   const auto weight = weight_in.contiguous();
+  const int64_t M = x.size(0);
+  if (M < prefill_rows) return finish(decode(Lin{1, weight, scale_in.contiguous()}, x), x_in, fp32_out);
   const std::vector<float> sc =
       f8_scales(is_byte(scale_in) ? scale_in.contiguous().view(torch::kUInt8) : scale_in.to(torch::kFloat));
-  const int64_t M = x.size(0);
   const auto* w = static_cast<const uint8_t*>(weight.data_ptr());
   auto xp = permute_x<kF8Chunk, f8_src>(x);
   const int64_t kp = xp.size(1);
@@ -418,14 +349,9 @@ torch::Tensor fp8_linear(const torch::Tensor& x_in, const torch::Tensor& weight_
                                            }),
                   x_in, fp32_out);
   }
-  if (M >= prefill_rows) {
-    return finish(dequant_mm<float>(xp, out_f, [&](int64_t r0, int64_t r1, float* dst) {
-      f8_dequant(w, sc.data(), nbi, in, r0, r1, kp, dst);
-    }), x_in, fp32_out);
-  }
-  auto y = zeros_y(M, out_f);
-  f8_decode(w, sc.data(), nbi, in, out_f, M, xp.data_ptr<float>(), kp, y.data_ptr<float>());
-  return finish(y, x_in, fp32_out);
+  return finish(dequant_mm<float>(xp, out_f, [&](int64_t r0, int64_t r1, float* dst) {
+    f8_dequant(w, sc.data(), nbi, in, r0, r1, kp, dst);
+  }), x_in, fp32_out);
 }
 
 #include "fused.h"

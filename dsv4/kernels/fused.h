@@ -6,13 +6,13 @@
 // plain-torch reference (dsv4/model.py, dsv4/ops.py) step by step, rounding to the tensor dtype
 // exactly where it does (so bf16 results match bit for bit but for the last ulp of fp32 math
 // functions and summation order). Plain C++ (auto-vectorized with the build's -march), so the
-// AVX-512 and AVX2 builds share it, but for the dense GEMV's AVX-512 row dot. It knows nothing of
-// models beyond these formulas.
+// AVX-512 and AVX2 builds share it. Every matrix product goes through decode.h's decode products
+// (for a few rows) or the tensor entry points above this file. It knows nothing of models beyond
+// these formulas.
 //
 // Sections: mHC pre/post; RMSNorm + RoPE; the router; the dense GEMV; one decode token's attention
-// (sink attention, the indexer's top-k) and its projections (attn_project, attn_output); the decode
-// products without tensors (DecodeJob, run_decode: a batch of matrices in one parallel region, the
-// same row kernels as the quantized entry points above this file); the experts (experts_sum).
+// (sink attention, the indexer's top-k); an attention layer's projections (attn_project,
+// attn_output); the experts (expert_mlp, experts_sum, experts_rows).
 
 #include <cmath>
 #include <limits>
@@ -302,95 +302,24 @@ std::vector<torch::Tensor> route(const torch::Tensor& logits_in, const c10::opti
 
 // ---- dense matrix-vector ----
 
-inline float bf16_bits(uint16_t b) {
-  const uint32_t u = static_cast<uint32_t>(b) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-// x [M, in], w [out, in], both bf16 or both fp32 (a few rows: decode) -> x @ w.T [M, out] in their
-// dtype, fp32 sums: what F.linear computes, streaming w once at memory speed (torch's bf16 GEMV
-// reached ~1-2 GB/s here on the vocabulary head, the largest single read of a decode step on small
-// models; its fp32 GEMV costs ~10 us of overhead on the small fp32 matrices of the router and the
-// compressors).
-inline float wval(const float* p, int64_t i) { return p[i]; }
-inline float wval(const uint16_t* p, int64_t i) { return bf16_bits(p[i]); }
-
-// sum_i w[i] * x[i] in fp32 for one weight row (fp32 or bf16 bits), prefetching the stream one
-// line per 64 bytes read (the rows of small models are shorter than the hardware prefetchers' reach).
-#if defined(__AVX512F__)
-inline __m512 load16(const float* w) { return _mm512_loadu_ps(w); }
-inline __m512 load16(const uint16_t* w) {  // 16 bf16 -> fp32: the bits in the high half
-  return _mm512_castsi512_ps(
-      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w))), 16));
-}
-
-template <typename W>
-inline float row_dot(const W* w, const float* x, int64_t in) {
-  constexpr int64_t kLine = 64 / sizeof(W);  // weights per cache line
-  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-  int64_t i = 0;
-  for (; i + 32 <= in; i += 32) {
-    if (i % kLine == 0) prefetch(reinterpret_cast<const uint8_t*>(w + i) + kPrefetch);
-    if (sizeof(W) == 4 && (i + 16) % kLine == 0) prefetch(reinterpret_cast<const uint8_t*>(w + i + 16) + kPrefetch);
-    a0 = _mm512_fmadd_ps(load16(w + i), _mm512_loadu_ps(x + i), a0);
-    a1 = _mm512_fmadd_ps(load16(w + i + 16), _mm512_loadu_ps(x + i + 16), a1);
-  }
-  float s = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
-  for (; i < in; ++i) s += wval(w, i) * x[i];
-  return s;
-}
-#else
-template <typename W>
-inline float row_dot(const W* w, const float* x, int64_t in) {
-  float acc[16] = {0};
-  int64_t i = 0;
-  for (; i + 16 <= in; i += 16) {
-    if (i * int64_t(sizeof(W)) % 64 == 0) prefetch(reinterpret_cast<const uint8_t*>(w + i) + kPrefetch);
-    for (int l = 0; l < 16; ++l) acc[l] += wval(w, i + l) * x[i + l];
-  }
-  float s = 0;
-  for (; i < in; ++i) s += wval(w, i) * x[i];
-  for (int l = 0; l < 16; ++l) s += acc[l];
-  return s;
-}
-#endif
-
-// Y [M, out] (float or at::BFloat16) = X [M, in] fp32 @ W.T, W float or bf16 bits.
-template <typename W, typename Y>
-void gemv_rows(const float* X, const W* Wd, int64_t M, int64_t in, int64_t out, Y* Yd) {
-  at::parallel_for(0, out, std::max<int64_t>(1, kMinThreadBytes / std::max<int64_t>(1, int64_t(sizeof(W)) * in)),
-                   [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r)
-      for (int64_t m = 0; m < M; ++m) Yd[m * out + r] = static_cast<Y>(row_dot(Wd + r * in, X + m * in, in));
-  });
-}
-
 // Whether dense_linear takes x against w: both bf16, both fp32, or fp32 x against bf16 w (weights
 // the checkpoint stores in bf16 and the math runs in fp32: the router, the compressors).
 inline bool dense_pair(torch::ScalarType x, torch::ScalarType w) {
   return (x == torch::kFloat || x == torch::kBFloat16) && (w == x || (x == torch::kFloat && w == torch::kBFloat16));
 }
 
+// x [M, in] -> x @ w.T [M, out] in x's dtype for a few rows (decode), fp32 sums: what F.linear
+// computes, streaming w once through decode.h's row dot (torch's bf16 GEMV reached ~1-2 GB/s here on
+// the vocabulary head, the largest single read of a decode step on small models). Takes fp32 x
+// against a bf16 matrix too, which F.linear cannot without converting the matrix on every call.
 torch::Tensor dense_linear(const torch::Tensor& x_in, const torch::Tensor& w_in) {
-  const auto st = x_in.scalar_type();
-  TORCH_CHECK(dense_pair(st, w_in.scalar_type()) && x_in.dim() == 2 && w_in.dim() == 2 &&
+  TORCH_CHECK(dense_pair(x_in.scalar_type(), w_in.scalar_type()) && x_in.dim() == 2 && w_in.dim() == 2 &&
                   x_in.size(1) == w_in.size(1) && x_in.device().is_cpu() && w_in.device().is_cpu(),
               "dense_linear: x [M, in] and w [out, in] on the CPU, both bfloat16, both float32 or float32 x with "
               "bfloat16 w; got ", x_in.sizes(), " ", x_in.scalar_type(), " and ", w_in.sizes(), " ", w_in.scalar_type());
-  const auto xf = f32c(x_in);
   const auto w = w_in.contiguous();
-  const int64_t M = xf.size(0), in = xf.size(1), out = w.size(0);
-  auto y = torch::empty({M, out}, x_in.options());
-  const auto* wb = reinterpret_cast<const uint16_t*>(w.data_ptr());
-  if (st == torch::kBFloat16)
-    gemv_rows(xf.data_ptr<float>(), wb, M, in, out, y.data_ptr<at::BFloat16>());
-  else if (w.scalar_type() == torch::kBFloat16)
-    gemv_rows(xf.data_ptr<float>(), wb, M, in, out, y.data_ptr<float>());
-  else
-    gemv_rows(xf.data_ptr<float>(), w.data_ptr<float>(), M, in, out, y.data_ptr<float>());
-  return y;
+  const auto y = decode(Lin{0, w, w}, x_in.contiguous());
+  return x_in.scalar_type() == torch::kFloat ? y : y.to(x_in.scalar_type());
 }
 
 // ---- one decode token: attention, the indexer's pick, an expert ----
@@ -522,60 +451,16 @@ torch::Tensor grouped_linear(const torch::Tensor& x, int64_t kind, const torch::
 }
 
 // ---- an attention layer's per-token work, for a few rows ----
-// A weight as the ops below take it: (format code as in linear_any, values, scales).
-using Lin = std::tuple<int64_t, torch::Tensor, torch::Tensor>;
-
 inline torch::Tensor linear_of(const torch::Tensor& x, const Lin& w) {
   return linear_any(x, std::get<0>(w), std::get<1>(w), std::get<2>(w));
 }
 
-// A compressor's rows [M, 2C] = [x wkv | x wgate + ape[position % ratio]] in fp32
-// (Compressor.project); wkv, wgate [C, D] and ape [ratio, C] fp32.
-inline torch::Tensor compressor_rows(const torch::Tensor& xf, const torch::Tensor& wkv, const torch::Tensor& wgate,
-                                     const torch::Tensor& ape, const torch::Tensor& positions) {
-  const int64_t ratio = ape.size(0);
-  const auto gate = dense_linear(xf, wgate) + ape.index_select(0, positions.remainder(ratio));
-  return at::cat({dense_linear(xf, wkv), gate}, -1);
-}
-
-// Attention.project for a few rows: x [M, D] -> {qr [M, q_lora], q [M, H, hd] (normed, RoPE'd),
-// kv [M, hd] (normed, RoPE'd), the compressor's rows [M, 2C], the indexer's queries [M, Hi, hdi],
-// head weights [M, Hi] (fp32, times w_scale) and compressor rows [M, 2Ci]}; the last four are
-// empty tensors where the layer has no compressor / indexer.
-// lin: wq_a, wq_b, wkv [, the indexer's wq_b]. vec: q_norm, kv_norm [, compressor wkv, wgate, ape
-// [, indexer weights_proj, compressor wkv, wgate, ape]]. dims: H, Hi, hdi. This is the op on
-// tensors; attn_project below runs the same products as two batches of decode products.
-std::vector<torch::Tensor> attn_project_tensors(const torch::Tensor& x, const torch::Tensor& cos,
-                                                const torch::Tensor& sin, const torch::Tensor& positions,
-                                                const std::vector<Lin>& lin, const std::vector<torch::Tensor>& vec,
-                                                const std::vector<int64_t>& dims, double eps, double w_scale) {
-  check_float(x, "attn_project x");
-  TORCH_CHECK(x.dim() == 2 && lin.size() >= 3 && vec.size() >= 2 && dims.size() == 3,
-              "attn_project: x [M, D], lin [wq_a, wq_b, wkv (, indexer wq_b)], vec [q_norm, kv_norm, ...], dims [H, Hi, hdi]");
-  const int64_t M = x.size(0);
-  const auto qr = norm_rope(linear_of(x, lin[0]), vec[0], eps, c10::nullopt, c10::nullopt, false);
-  const auto qh = linear_of(qr, lin[1]);
-  const auto q = norm_rope(qh.view({M, dims[0], -1}), c10::nullopt, eps, cos, sin, false);
-  const auto kv = norm_rope(linear_of(x, lin[2]), vec[1], eps, cos, sin, false);
-  torch::Tensor comp = torch::empty({0}), iq = comp, iw = comp, irows = comp;
-  if (vec.size() >= 5) {
-    const auto xf = f32c(x);
-    comp = compressor_rows(xf, vec[2], vec[3], vec[4], positions);
-    if (vec.size() == 9 && lin.size() == 4) {
-      iq = norm_rope(linear_of(qr, lin[3]).view({M, dims[1], dims[2]}), c10::nullopt, -1.0, cos, sin, false);
-      iw = dense_linear(x, vec[5]).to(torch::kFloat).mul_(w_scale);
-      irows = compressor_rows(xf, vec[6], vec[7], vec[8], positions);
-    }
-  }
-  return {qr, q, kv, comp, iq, iw, irows};
-}
-
-// ---- the decode paths without tensors ----
+// ---- batches of decode products (decode.h) ----
 
 inline float round_to(float v, bool bf16) { return bf16 ? static_cast<float>(c10::BFloat16(v)) : v; }
 
-// Whether decode_into takes this weight for x [M, in] (bf16 or fp32 values): contiguous values and
-// scales of the shapes its format needs (a Dense weight in x's dtype).
+// Whether the decode products take this weight for x [M, in] (bf16 or fp32 values): contiguous
+// values and scales of the shapes its format needs (a Dense weight as dense_pair allows).
 inline bool decode_takes(const Lin& lin, int64_t in, bool bf16) {
   const auto& [kind, w, s] = lin;
   if (w.dim() != 2 || !w.is_contiguous() || !s.is_contiguous() || !w.device().is_cpu()) return false;
@@ -589,144 +474,20 @@ inline bool decode_takes(const Lin& lin, int64_t in, bool bf16) {
   return kind == 0 && w.size(1) == in && dense_pair(bf16 ? torch::kBFloat16 : torch::kFloat, w.scalar_type());
 }
 
-// One product of a batch of decode products: y [M, out] fp32 = x [M, in] @ W.T (x fp32 values,
-// bf16-exact when `bf16`), through the same decode kernels, column orders and sums as the tensor
-// entry points (mxfp4_linear, fp8_linear, dense_linear for a few rows), into a caller's buffer.
-// `run_decode` computes a batch of them in ONE parallel region over all their 16-row tiles: waking
-// the other threads costs ~100 us per region on the development VM (more than a 4 MB matrix takes),
-// so a MoE layer's 21 matrices as 2 regions instead of 21 is what lets a second thread pay off.
-struct DecodeJob {
-  int64_t kind = 0, M = 0, in = 0, out = 0, kp = 0;
-  bool mxb = false;        // MXFP4 with bf16 dot products (one bf16 row)
-  const uint8_t* w = nullptr;
-  const uint8_t* s = nullptr;
-  bool w_bf16 = false;     // Dense: bf16 values (else fp32)
-  std::vector<float> sc;   // FP8 block scales (f8_scales)
-  std::vector<float> xp;   // x permuted for the format (MXFP4 / FP8); Dense reads x itself
-  std::vector<uint16_t> xb;  // x as bf16 bits in the mxb order
-  const float* x = nullptr;
-  float* y = nullptr;
-
-  // decode_takes(lin, in, bf16) first; zeroes y [M, out].
-  DecodeJob(const Lin& lin, const float* x_, int64_t M_, int64_t in_, bool bf16, float* y_)
-      : kind(std::get<0>(lin)), M(M_), in(in_), x(x_), y(y_) {
-    const auto& w_t = std::get<1>(lin);
-    const auto& s_t = std::get<2>(lin);
-    out = w_t.size(0);
-    w = static_cast<const uint8_t*>(w_t.data_ptr());
-    std::fill(y, y + M * out, 0.f);
-    if (kind == 2) {
-      s = static_cast<const uint8_t*>(s_t.data_ptr());
-      kp = ceil_div(in, kMxChunk) * kMxChunk;
-#ifdef __AVX512BF16__
-      if (M == 1 && bf16) {  // mxfp4_linear's one-row bf16 path
-        mxb = true;
-        std::vector<uint16_t> bits(in);
-        for (int64_t i = 0; i < in; ++i) {
-          uint32_t u;
-          std::memcpy(&u, x + i, 4);
-          bits[i] = static_cast<uint16_t>(u >> 16);  // exact: the values are bf16
-        }
-        xb.assign(kp, 0);
-        permute_bf16_into(bits.data(), 1, in, xb.data());
-        return;
-      }
-#endif
-      xp.resize(M * kp);
-      permute_into<kMxChunk, mx_src>(x, M, in, xp.data());
-    } else if (kind == 1) {
-      sc = f8_scales(is_byte(s_t) ? s_t.view(torch::kUInt8) : s_t.to(torch::kFloat));
-      kp = ceil_div(in, kF8Chunk) * kF8Chunk;
-      xp.resize(M * kp);
-      permute_into<kF8Chunk, f8_src>(x, M, in, xp.data());
-    } else {
-      w_bf16 = w_t.scalar_type() == torch::kBFloat16;
-    }
-  }
-
-  int64_t tiles() const { return ceil_div(out, kTileRows); }
-  int64_t bytes_per_row() const { return kind == 2 ? in / 2 : kind == 1 ? in : (w_bf16 ? 2 : 4) * in; }
-
-  // Rows [t * kTileRows, ...) of y; xs: the thread's FP8 scaled-x buffer, valid for block `*key`.
-  void tile(int64_t t, std::vector<float>& xs, const void*& key_job, int64_t& key_block) const {
-    const int64_t r0 = t * kTileRows, r1 = std::min(out, r0 + kTileRows);
-    if (kind == 2) {
-      for_tile(r0, r1, M, kp / kMxChunk, kMxChunk, in / 2,
-               [&](auto g, int64_t r, int64_t m0, int64_t c0, int64_t c1, int64_t pf) {
-                 constexpr int G = decltype(g)::value;
-                 float* yr = y + m0 * out + r;
-#ifdef __AVX512BF16__
-                 if (mxb) {
-                   mxb_row<G>(w + r * (in / 2), s + r * (in / 32), in, c0, c1, pf, xb.data() + m0 * kp, kp, yr, out);
-                   return;
-                 }
-#endif
-                 mx_row<G>(w + r * (in / 2), s + r * (in / 32), in, c0, c1, r == out - 1, pf, xp.data() + m0 * kp, kp,
-                           yr, out);
-               });
-    } else if (kind == 1) {
-      const int64_t rb = r0 / 128, nbi = ceil_div(in, 128);
-      if (key_job != this || key_block != rb) {  // x times this 128-row block's scales (f8_decode)
-        key_job = this, key_block = rb;
-        xs.resize(M * kp);
-        for (int64_t m = 0; m < M; ++m)
-          for (int64_t i0 = 0; i0 < kp; i0 += 128) {
-            const float sv = sc[rb * nbi + i0 / 128];
-            for (int64_t i = i0; i < std::min(kp, i0 + 128); ++i) xs[m * kp + i] = xp[m * kp + i] * sv;
-          }
-      }
-      for_tile(r0, r1, M, kp / kF8Chunk, kF8Chunk, in,
-               [&](auto g, int64_t r, int64_t m0, int64_t c0, int64_t c1, int64_t pf) {
-                 f8_row<decltype(g)::value>(w + r * in, in, c0, c1, pf, xs.data() + m0 * kp, kp, y + m0 * out + r,
-                                            out);
-               });
-    } else {
-      for (int64_t r = r0; r < r1; ++r)
-        for (int64_t m = 0; m < M; ++m)
-          y[m * out + r] = w_bf16 ? row_dot(reinterpret_cast<const uint16_t*>(w) + r * in, x + m * in, in)
-                                  : row_dot(reinterpret_cast<const float*>(w) + r * in, x + m * in, in);
-    }
-  }
-};
-
-// Every job's tiles in one parallel region (a thread gets a contiguous run of tiles, across jobs).
-inline void run_decode(const std::vector<DecodeJob>& jobs) {
-  std::vector<int64_t> first(jobs.size() + 1, 0);
-  int64_t bytes = 0;
-  for (size_t j = 0; j < jobs.size(); ++j) {
-    first[j + 1] = first[j] + jobs[j].tiles();
-    bytes += jobs[j].out * jobs[j].bytes_per_row();
-  }
-  const int64_t total = first.back();
-  if (total == 0) return;
-  const int64_t tile_bytes = std::max<int64_t>(1, bytes / total);
-  at::parallel_for(0, total, std::max<int64_t>(1, kMinThreadBytes / tile_bytes), [&](int64_t t0, int64_t t1) {
-    std::vector<float> xs;
-    const void* key_job = nullptr;
-    int64_t key_block = -1;
-    size_t j = std::upper_bound(first.begin(), first.end(), t0) - first.begin() - 1;
-    for (int64_t t = t0; t < t1; ++t) {
-      while (t >= first[j + 1]) ++j;
-      jobs[j].tile(t - first[j], xs, key_job, key_block);
-    }
-  });
-}
-
-// One product (a batch of one): decode_takes(lin) first.
-inline void decode_into(const Lin& lin, const float* x, int64_t M, int64_t in, bool bf16, float* y) {
-  std::vector<DecodeJob> jobs;
-  jobs.emplace_back(lin, x, M, in, bf16, y);
-  run_decode(jobs);
-}
-
 // fp32 results as a tensor of x's dtype (bf16: rounded to nearest even, as the tensor ops do).
 inline torch::Tensor out_tensor(std::vector<float>& v, at::IntArrayRef sizes, bool bf16) {
   const auto t = torch::from_blob(v.data(), sizes, torch::kFloat);
   return bf16 ? t.to(torch::kBFloat16) : t.clone();
 }
 
-// attn_project_tensors' products as two batches of decode products (what reads x, then what reads
-// qr), where every weight is one decode_into takes; the same roundings and results.
+// Attention.project for a few rows: x [M, D] -> {qr [M, q_lora], q [M, H, hd] (normed, RoPE'd),
+// kv [M, hd] (normed, RoPE'd), the compressor's rows [M, 2C], the indexer's queries [M, Hi, hdi],
+// head weights [M, Hi] (fp32, times w_scale) and compressor rows [M, 2Ci]}; the last four are
+// empty tensors where the layer has no compressor / indexer.
+// lin: wq_a, wq_b, wkv [, the indexer's wq_b]. vec: q_norm, kv_norm [, compressor wkv, wgate, ape
+// [, indexer weights_proj, compressor wkv, wgate, ape]]. dims: H, Hi, hdi. The products run as two
+// batches of decode products (what reads x, then what reads qr); an empty list where a weight is not
+// one the decode products take (Attention.project then takes its reference path).
 std::vector<torch::Tensor> attn_project(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
                                         const torch::Tensor& positions, const std::vector<Lin>& lin,
                                         const std::vector<torch::Tensor>& vec, const std::vector<int64_t>& dims,
@@ -745,7 +506,7 @@ std::vector<torch::Tensor> attn_project(const torch::Tensor& x, const torch::Ten
   for (const auto& [l, own] : first) ok = ok && decode_takes(l, D, own && bf16);
   for (size_t i : {size_t(1), size_t(3)})
     if (i < lin.size() && (i == 1 || idx)) ok = ok && decode_takes(lin[i], R, bf16);
-  if (!ok) return attn_project_tensors(x, cos, sin, positions, lin, vec, dims, eps, w_scale);
+  if (!ok) return {};
 
   const auto xc = f32c(x);
   std::vector<std::vector<float>> y(first.size());
@@ -759,7 +520,7 @@ std::vector<torch::Tensor> attn_project(const torch::Tensor& x, const torch::Ten
   const auto qr = norm_rope(out_tensor(y[0], {M, R}, bf16), vec[0], eps, c10::nullopt, c10::nullopt, false);
   const auto kv = norm_rope(out_tensor(y[1], {M, y[1].size() / M}, bf16), vec[1], eps, cos, sin, false);
   const auto pos = positions.to(torch::kLong).contiguous();
-  // [kv | gate + ape[position % ratio]] in fp32 (compressor_rows)
+  // a compressor's rows [M, 2C] = [x wkv | x wgate + ape[position % ratio]] in fp32 (Compressor.project)
   auto rows = [&](size_t i, const torch::Tensor& ape) {
     const int64_t C = y[i].size() / M, ratio = ape.size(0);
     const auto a = f32c(ape);
@@ -796,7 +557,8 @@ std::vector<torch::Tensor> attn_project(const torch::Tensor& x, const torch::Ten
 
 // Attention.output for a few rows: o [M, H, hd] -> undo the values' RoPE at the query position,
 // the grouped wo_a (groups), then wo_b: [M, D]. The groups' products run as one batch of decode
-// products, then wo_b (the tensor path where a weight is not one decode_into takes).
+// products, then wo_b; an undefined tensor where a weight is not one they take (Attention.output
+// then takes its reference path).
 torch::Tensor attn_output(const torch::Tensor& o, const torch::Tensor& cos, const torch::Tensor& sin, const Lin& wo_a,
                           const Lin& wo_b, int64_t groups) {
   check_float(o, "attn_output o");
@@ -814,10 +576,7 @@ torch::Tensor attn_output(const torch::Tensor& o, const torch::Tensor& cos, cons
     ok = decode_takes(parts.back(), in, bf16);
   }
   ok = ok && decode_takes(wo_b, groups * rows, bf16);
-  if (!ok) {
-    const auto g = grouped_linear(r, ka, wa, sa, groups);
-    return linear_of(g.reshape({M, -1}), wo_b);
-  }
+  if (!ok) return {};
   const auto rf = f32c(r);  // [M, groups, in]
   std::vector<float> xg(groups * M * in), yg(groups * M * rows);
   for (int64_t g = 0; g < groups; ++g)
@@ -898,9 +657,10 @@ using ExpertW = std::tuple<Lin, Lin, Lin>;
 
 struct ExpertRows {
   const ExpertW* w;
-  std::vector<float> x;        // [M, D]
-  std::vector<float> scale;    // [M] or empty
-  std::vector<int64_t> rows;   // [M]: where each row's output goes in acc
+  const float* x;               // [M, D]: all of x's rows, or `gathered`
+  std::vector<float> scale;     // [M] or empty
+  std::vector<int64_t> rows;    // [M]: where each row's output goes in acc
+  std::vector<float> gathered;  // the rows of x this expert takes, when not all of them
 };
 
 inline void experts_into(const std::vector<ExpertRows>& items, int64_t D, bool bf16, float limit, float* acc,
@@ -913,8 +673,8 @@ inline void experts_into(const std::vector<ExpertRows>& items, int64_t D, bool b
     const auto& [w1, w2, w3] = *items[e].w;
     const int64_t M = items[e].rows.size(), F = std::get<1>(w1).size(0);
     g[e].resize(M * F), u[e].resize(M * F);
-    jobs.emplace_back(w1, items[e].x.data(), M, D, bf16, g[e].data());
-    jobs.emplace_back(w3, items[e].x.data(), M, D, bf16, u[e].data());
+    jobs.emplace_back(w1, items[e].x, M, D, bf16, g[e].data());
+    jobs.emplace_back(w3, items[e].x, M, D, bf16, u[e].data());
   }
   run_decode(jobs);
   jobs.clear();
@@ -987,9 +747,11 @@ torch::Tensor experts_rows(const torch::Tensor& x, const std::vector<ExpertW>& e
     TORCH_CHECK(static_cast<int64_t>(scales[e].size()) == M, "experts_rows: a scale per row");
     for (int64_t r : rows[e]) TORCH_CHECK(r >= 0 && r < T, "experts_rows: row ", r, " outside [0, ", T, ")");
     if (M == 0) continue;
-    ExpertRows it{&experts[e], std::vector<float>(M * D), std::vector<float>(scales[e].begin(), scales[e].end()), rows[e]};
-    for (int64_t m = 0; m < M; ++m) std::memcpy(&it.x[m * D], &xf[rows[e][m] * D], D * sizeof(float));
     if (expert_takes(experts[e], D, acc.size(1), bf16)) {
+      ExpertRows it{&experts[e], nullptr, std::vector<float>(scales[e].begin(), scales[e].end()), rows[e],
+                    std::vector<float>(M * D)};
+      for (int64_t m = 0; m < M; ++m) std::memcpy(&it.gathered[m * D], &xf[rows[e][m] * D], D * sizeof(float));
+      it.x = it.gathered.data();  // stays valid when `it` is moved: the vector keeps its buffer
       items.push_back(std::move(it));
       continue;
     }
@@ -1035,7 +797,7 @@ torch::Tensor experts_sum(const torch::Tensor& x, const std::vector<ExpertW>& ex
     if (expert_takes(experts[i], D, out, bf16)) {
       std::vector<float> scale;
       for (int64_t m = 0; slot >= 0 && m < M; ++m) scale.push_back(route.data_ptr<float>()[m * route.size(-1) + slot]);
-      items.push_back(ExpertRows{&experts[i], xf, std::move(scale), all});
+      items.push_back(ExpertRows{&experts[i], xf.data(), std::move(scale), all, {}});
     } else {
       flush();
       const auto& [w1, w2, w3] = experts[i];
