@@ -280,8 +280,8 @@ def weight_ending_at_a_guard_page(q: torch.Tensor):
 @pytest.mark.parametrize("rows", [1, 3, 64])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_no_read_past_the_weight(rows, dtype):
-    # The MXFP4 decode loads chunks again 1-3 bytes further on (fp32 path), or a last half-chunk of
-    # 16 bytes (one bf16 row, in=544); never past the tensor's end.
+    # The MXFP4 decode loads chunks again 1-3 bytes further on (fp32 path), or reads a short last
+    # chunk of 16 bytes as a masked load (bf16 rows, in=544); never past the tensor's end.
     for in_f in (1024, 544):
         q, s = mx_weight(16, in_f)
         guarded = weight_ending_at_a_guard_page(q)

@@ -12,8 +12,8 @@
 //     into a fp32 buffer and multiplied with at::mm, which is compute-bound there anyway.
 // The instruction set is chosen when the file is compiled: avx512.h (AVX-512 F/BW/VL) or avx2.h
 // (AVX2 + FMA + F16C) provide the expansion, the row kernels and the column orders; the drivers
-// and entry points below are shared. On AVX512_BF16 CPUs one bf16 row of x against MXFP4 takes
-// bf16 dot products (the batch-1 decode path, see mxb_row). The entry points check shapes and
+// and entry points below are shared. On AVX512_BF16 CPUs a few bf16 rows of x against MXFP4 take
+// bf16 dot products (the decode path, see mxb_row). The entry points check shapes and
 // dtypes again behind dsv4/kernels/__init__.py. This file knows nothing of models.
 
 #include <ATen/Parallel.h>
@@ -210,17 +210,18 @@ bool is_byte(const torch::Tensor& t) {
 // ---- MXFP4 decode with bf16 dot products (x in bf16) --------------------------------------
 // When x is bf16 its values are exact in bf16, and so is every e2m1 code: vdpbf16ps multiplies
 // 32 pairs per instruction with exact products and fp32 sums, twice the work of an fp32 FMA, and
-// the codes expand as words (vpermw) instead of dwords. A 64-byte chunk is two 32-byte halves h;
-// zero-extended to words, word j of half h holds inputs 64h+2j (low nibble) and 64h+2j+1 (high).
-// Lane i of a dot product sums words 2i and 2i+1, so x is permuted for it: per half, 32 words for
-// the low nibbles (inputs 64h+4i, 64h+4i+2) then 32 for the high ones (64h+4i+1, 64h+4i+3).
+// the codes expand as words (vpermw) instead of dwords. A 64-byte chunk viewed as 32 words holds
+// codes 4w..4w+3 in word w; shifting it right by 4k puts code 4w+k in the word's low nibble, and
+// vpermw (which reads 5 index bits, hence the table twice) expands all 32 of them at once. Lane i of
+// a dot product sums words 2i and 2i+1, codes 8i+k and 8i+4+k: all four shifts' lanes i lie in the
+// 32-code block i/4, so the four dot products of a chunk accumulate together and take their block
+// scales (mx_scales' lane order) in one multiply. x is permuted to match (mxb_src).
 inline int64_t mxb_src(int64_t p) {
-  const int64_t h = p / 64, q = p % 64, hi = q / 32, w = q % 32;
-  return 64 * h + 4 * (w / 2) + 2 * (w % 2) + hi;
+  const int64_t k = p / 32, q = p % 32;
+  return 8 * (q / 2) + 4 * (q % 2) + k;
 }
 
-// The e2m1 values as bf16 bits, twice: vpermw reads 5 index bits, so a word holding a whole code
-// byte looks up its low nibble without masking.
+// The e2m1 values as bf16 bits, twice: vpermw reads 5 index bits, and bit 4 is the next code's.
 alignas(64) const uint16_t kE2M1Bf16[32] = {
     0x0000, 0x3F00, 0x3F80, 0x3FC0, 0x4000, 0x4040, 0x4080, 0x40C0,
     0x8000, 0xBF00, 0xBF80, 0xBFC0, 0xC000, 0xC040, 0xC080, 0xC0C0,
@@ -238,43 +239,44 @@ void permute_bf16_into(const uint16_t* xs, int64_t M, int64_t in, uint16_t* xp) 
         if (c + idx[p] < in) xp[m * kp + c + p] = xs[m * in + c + idx[p]];
 }
 
+// acc[m] += sc * (chunk . xc[m]) for one 128-code chunk and M rows of permuted bf16 x.
+template <int M>
+inline void mxb_chunk(__m512i codes, __m512 sc, __m512i tab, const uint16_t* xc, int64_t ldx, __m512* acc) {
+  __m512i e[4];
+  e[0] = _mm512_permutexvar_epi16(codes, tab);
+  for (int k = 1; k < 4; ++k) e[k] = _mm512_permutexvar_epi16(_mm512_srli_epi16(codes, 4 * k), tab);
+  for (int m = 0; m < M; ++m) {
+    const uint16_t* xm = xc + m * ldx;
+    __m512 d = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)e[0], (__m512bh)_mm512_loadu_si512(xm));
+    for (int k = 1; k < 4; ++k) d = _mm512_dpbf16_ps(d, (__m512bh)e[k], (__m512bh)_mm512_loadu_si512(xm + 32 * k));
+    acc[m] = _mm512_fmadd_ps(d, sc, acc[m]);
+  }
+}
+
 // y[m] += sum over chunks [c0, c1) of a row, for M rows of bf16 x permuted by permute_bf16_into.
-// Loads stay inside the row's bytes (a last half of 16 bytes is a masked load).
+// Loads stay inside the row's bytes (a short last chunk is a masked load).
 template <int M>
 inline void mxb_row(const uint8_t* w, const uint8_t* s, int64_t in, int64_t c0, int64_t c1, int64_t pf,
                     const uint16_t* xp, int64_t ldx, float* y, int64_t ldy) {
   const __m512i tab = _mm512_load_si512(kE2M1Bf16);
-  const __m512i half_blocks[2] = {
-      _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0),
-      _mm512_set_epi32(3, 3, 3, 3, 3, 3, 3, 3, 2, 2, 2, 2, 2, 2, 2, 2)};
   __m512 acc[M];
   for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
-  for (int64_t c = c0; c < c1; ++c) {
+  const int64_t nfull = std::min(c1, in / kMxChunk);
+  int64_t c = c0;
+  for (; c + 4 <= nfull; c += 4) {  // groups of 4 full chunks share one 16-byte scale load
     const uint8_t* wc = w + c * 64;
-    prefetch(wc + pf);
-    const int64_t codes = std::min<int64_t>(kMxChunk, in - c * kMxChunk);  // a multiple of 32
-    // A constant-size copy for full chunks: a variable-length memcpy here is a library call per
-    // chunk, which measured at half the speed from cache.
-    uint32_t sv = 0;
-    if (__builtin_expect(codes == kMxChunk, 1)) std::memcpy(&sv, s + c * 4, 4);
-    else std::memcpy(&sv, s + c * 4, codes / 32);
-    // lanes 0..3: the chunk's 4 block scales
-    const __m512 f = e8m0_to_ps(_mm512_cvtepu8_epi32(_mm_cvtsi32_si128(static_cast<int>(sv))));
-    for (int h = 0; h < 2 && codes > 64 * h; ++h) {
-      const __m256i raw = codes - 64 * h >= 64
-                              ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wc + 32 * h))
-                              : _mm256_maskz_loadu_epi8(0xFFFFu, wc + 32 * h);
-      const __m512i wd = _mm512_cvtepu8_epi16(raw);
-      const __m512i lo = _mm512_permutexvar_epi16(wd, tab);
-      const __m512i hi = _mm512_permutexvar_epi16(_mm512_srli_epi16(wd, 4), tab);
-      const __m512 sc = _mm512_permutexvar_ps(half_blocks[h], f);
-      for (int m = 0; m < M; ++m) {
-        const uint16_t* xm = xp + m * ldx + c * kMxChunk + 64 * h;
-        __m512 d = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)lo, (__m512bh)_mm512_loadu_si512(xm));
-        d = _mm512_dpbf16_ps(d, (__m512bh)hi, (__m512bh)_mm512_loadu_si512(xm + 32));
-        acc[m] = _mm512_fmadd_ps(d, sc, acc[m]);
-      }
-    }
+    for (int i = 0; i < 4; ++i) prefetch(wc + pf + 64 * i);
+    __m512 sc[4];
+    mx_scales4(s + c * 4, sc);
+    for (int i = 0; i < 4; ++i)
+      mxb_chunk<M>(_mm512_loadu_si512(wc + 64 * i), sc[i], tab, xp + (c + i) * kMxChunk, ldx, acc);
+  }
+  for (; c < c1; ++c) {
+    prefetch(w + c * 64 + pf);
+    __m512i codes;
+    __m512 sc;
+    mx_load(w, s, in, c, codes, sc);
+    mxb_chunk<M>(codes, sc, tab, xp + c * kMxChunk, ldx, acc);
   }
   for (int m = 0; m < M; ++m) y[m * ldy] += _mm512_reduce_add_ps(acc[m]);
 }

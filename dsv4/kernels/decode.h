@@ -68,7 +68,7 @@ inline float row_dot(const W* w, const float* x, int64_t in) {
 // MoE layer's 21 matrices as 2 regions instead of 21 is what lets a second thread pay off.
 struct DecodeJob {
   int64_t kind = 0, M = 0, in = 0, out = 0, kp = 0;
-  bool mxb = false;        // MXFP4 with bf16 dot products (one bf16 row)
+  bool mxb = false;        // MXFP4 with bf16 dot products (x bf16-exact)
   const uint8_t* w = nullptr;
   const uint8_t* s = nullptr;
   bool w_bf16 = false;     // Dense: bf16 values (else fp32)
@@ -90,16 +90,16 @@ struct DecodeJob {
       s = static_cast<const uint8_t*>(s_t.data_ptr());
       kp = ceil_div(in, kMxChunk) * kMxChunk;
 #ifdef __AVX512BF16__
-      if (M == 1 && bf16) {  // mxfp4_linear's one-row bf16 path
+      if (bf16) {  // bf16 dot products (mxb_row)
         mxb = true;
-        std::vector<uint16_t> bits(in);
-        for (int64_t i = 0; i < in; ++i) {
+        std::vector<uint16_t> bits(M * in);
+        for (int64_t i = 0; i < M * in; ++i) {
           uint32_t u;
           std::memcpy(&u, x + i, 4);
           bits[i] = static_cast<uint16_t>(u >> 16);  // exact: the values are bf16
         }
-        xb.assign(kp, 0);
-        permute_bf16_into(bits.data(), 1, in, xb.data());
+        xb.assign(M * kp, 0);
+        permute_bf16_into(bits.data(), M, in, xb.data());
         return;
       }
 #endif
