@@ -31,9 +31,12 @@ constexpr int64_t kMxChunk = 128;  // e2m1 codes in one 64-byte load
 constexpr int64_t kF8Chunk = 64;   // e4m3 values in one 64-byte load
 constexpr int64_t kTileRows = 16;  // weight rows per work item; divides the 128-row FP8 block
 constexpr int64_t kGroup = 4;      // x rows sharing one expansion of the weight codes
-constexpr int64_t kSegment = 1024;  // inputs per pass when a group's x would not fit in L1
+constexpr int64_t kSegment = 2048;  // inputs per pass when a group's x would not fit in L1
 constexpr int64_t kMinThreadBytes = 128 << 10;  // weight bytes below which a thread is not worth waking
-constexpr int64_t kL1Bytes = 32 << 10;  // of the 48 KB L1d, leaving room for the weight tile
+// x bytes a group of rows may keep in L1 while the weight streams past: the 32 KB L1d holds much
+// less than its size of x in practice (FP8 2048 x 4096, one thread, from RAM: 16 KB of fp32 x
+// 11 GB/s as whole rows, 20-22 cut into 2048-input segments, 26 for an 8 KB x as whole rows).
+constexpr int64_t kL1Bytes = 8 << 10;
 // Software prefetch distance in bytes of the weight stream: with the hardware prefetcher alone a
 // core decoding at full speed waits on DRAM (measured: ~2x slower single-threaded). When rows
 // are cut into segments, the stream is no longer sequential and the prefetch instead reaches
@@ -110,13 +113,14 @@ std::vector<float> f8_scales(const torch::Tensor& scale) {
 // Calls row<G>(r, m0, c0, c1) for every weight row r in [r0, r1), every group of up to kGroup x
 // rows and every segment [c0, c1) of the nch chunks. The tile's rows are revisited per group from
 // L1/L2, so the weight streams from memory once. When a group's x (G * kp floats) would not fit
-// in L1, rows are cut into segments so that each x slice stays there; otherwise each row is one
-// segment, which keeps the weight stream sequential for the prefetchers.
+// in L1 (x_bytes per element: fp32, or bf16 for mxb_row), rows are cut into segments so that
+// each x slice stays there; otherwise each row is one segment, which keeps the weight stream
+// sequential for the prefetchers.
 template <class RowFn>
 inline void for_tile(int64_t r0, int64_t r1, int64_t M, int64_t nch, int64_t chunk, int64_t row_bytes,
-                     RowFn&& row) {
+                     int64_t x_bytes, RowFn&& row) {
   const int64_t kp = nch * chunk;
-  const bool whole = std::min(M, kGroup) * kp * 4 <= kL1Bytes;
+  const bool whole = std::min(M, kGroup) * kp * x_bytes <= kL1Bytes;
   const int64_t seg = whole ? nch : kSegment / chunk;
   const int64_t pf = whole ? kPrefetch : kTileRows * row_bytes;
   for (int64_t c0 = 0; c0 < nch; c0 += seg) {
@@ -280,6 +284,8 @@ inline void mxb_row(const uint8_t* w, const uint8_t* s, int64_t in, int64_t c0, 
   }
   for (int m = 0; m < M; ++m) y[m * ldy] += _mm512_reduce_add_ps(acc[m]);
 }
+
+
 
 #endif  // __AVX512BF16__
 

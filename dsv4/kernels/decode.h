@@ -122,7 +122,7 @@ struct DecodeJob {
   void tile(int64_t t, std::vector<float>& xs, const void*& key_job, int64_t& key_block) const {
     const int64_t r0 = t * kTileRows, r1 = std::min(out, r0 + kTileRows);
     if (kind == 2) {
-      for_tile(r0, r1, M, kp / kMxChunk, kMxChunk, in / 2,
+      for_tile(r0, r1, M, kp / kMxChunk, kMxChunk, in / 2, mxb ? 2 : 4,
                [&](auto g, int64_t r, int64_t m0, int64_t c0, int64_t c1, int64_t pf) {
                  constexpr int G = decltype(g)::value;
                  float* yr = y + m0 * out + r;
@@ -146,7 +146,7 @@ struct DecodeJob {
             for (int64_t i = i0; i < std::min(kp, i0 + 128); ++i) xs[m * kp + i] = xp[m * kp + i] * sv;
           }
       }
-      for_tile(r0, r1, M, kp / kF8Chunk, kF8Chunk, in,
+      for_tile(r0, r1, M, kp / kF8Chunk, kF8Chunk, in, 4,
                [&](auto g, int64_t r, int64_t m0, int64_t c0, int64_t c1, int64_t pf) {
                  f8_row<decltype(g)::value>(w + r * in, in, c0, c1, pf, xs.data() + m0 * kp, kp, y + m0 * out + r,
                                             out);
