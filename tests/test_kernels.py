@@ -396,3 +396,62 @@ def test_a_lock_left_by_a_killed_build_is_cleared(tmp_path):
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     with open(tmp_path / "dsv4.lock") as f:  # released on exit
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+# ---- the kernels' worker pool (pool.h) ----
+
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@needs_compiled
+@pytest.mark.usefixtures("two_threads")
+def test_pool_loops_from_several_threads_at_once():
+    """Loops started from several threads at once (one runs on the pool, the others serially on their
+    callers) all give the serial results, many times over."""
+    import threading
+
+    q, s = mx_weight(1024, 1024)
+    xs_ = [xs(r, 1024, torch.bfloat16, seed=r) for r in (1, 2, 3, 4)]
+    torch.set_num_threads(1)
+    want = [kernels.mxfp4_linear(x, q, s) for x in xs_]
+    torch.set_num_threads(2)
+    bad = []
+
+    def caller(i):
+        torch.set_num_threads(2)  # per thread, as the server's generation thread does
+        for _ in range(200):
+            if not torch.equal(kernels.mxfp4_linear(xs_[i], q, s), want[i]):
+                bad.append(i)
+
+    threads = [threading.Thread(target=caller, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not bad
+
+
+@needs_compiled
+@pytest.mark.usefixtures("two_threads")
+def test_pool_works_in_a_forked_child():
+    """A child forked after the pool started (its workers do not exist there) still computes."""
+    import multiprocessing as mp
+
+    q, s = mx_weight(1024, 1024)
+    x = xs(1, 1024, torch.bfloat16)
+    want = kernels.mxfp4_linear(x, q, s)  # the pool has run, and its worker waits
+    ctx = mp.get_context("fork")
+    with ctx.Pool(1) as p:
+        got = p.apply_async(_mx_in_child, (x, q, s)).get(timeout=60)
+    assert torch.equal(got, want)
+
+
+def _mx_in_child(x, q, s):
+    torch.set_num_threads(2)
+    return kernels.mxfp4_linear(x, q, s)

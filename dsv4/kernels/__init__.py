@@ -41,7 +41,7 @@ import torch
 from ..quant import dequant_fp8_block, dequant_mxfp4
 
 _SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
-_HEADERS = ("avx512.h", "avx2.h", "decode.h", "fused.h")
+_HEADERS = ("avx512.h", "avx2.h", "pool.h", "decode.h", "fused.h")
 _CFLAGS = ["-O3", "-fopenmp", "-std=c++17"]
 _LDFLAGS = ["-fopenmp"]
 # The flags that pick each build's instruction set (`-march=native` minus AVX-512 for avx2).

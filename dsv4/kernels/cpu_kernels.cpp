@@ -25,6 +25,8 @@
 #include <cstring>
 #include <vector>
 
+#include "pool.h"
+
 namespace {
 
 constexpr int64_t kMxChunk = 128;  // e2m1 codes in one 64-byte load

@@ -160,7 +160,7 @@ struct DecodeJob {
   }
 };
 
-// Every job's tiles in one parallel region (a thread gets a contiguous run of tiles, across jobs).
+// Every job's tiles in one pool loop (a chunk is a contiguous run of tiles, across jobs).
 inline void run_decode(const std::vector<DecodeJob>& jobs) {
   std::vector<int64_t> first(jobs.size() + 1, 0);
   int64_t bytes = 0;
@@ -171,7 +171,7 @@ inline void run_decode(const std::vector<DecodeJob>& jobs) {
   const int64_t total = first.back();
   if (total == 0) return;
   const int64_t tile_bytes = std::max<int64_t>(1, bytes / total);
-  at::parallel_for(0, total, std::max<int64_t>(1, kMinThreadBytes / tile_bytes), [&](int64_t t0, int64_t t1) {
+  pool::run(total, std::max<int64_t>(1, kMinThreadBytes / tile_bytes), [&](int64_t t0, int64_t t1) {
     std::vector<float> xs;
     const void* key_job = nullptr;
     int64_t key_block = -1;

@@ -80,7 +80,7 @@ std::vector<torch::Tensor> hc_pre(const torch::Tensor& h_in, const torch::Tensor
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, h.scalar_type(), "hc_pre", [&] {
     const scalar_t* H = h.data_ptr<scalar_t>();
     scalar_t* X = x.data_ptr<scalar_t>();
-    at::parallel_for(0, T, grain(m * nD), [&](int64_t t0, int64_t t1) {
+    pool::run(T, grain(m * nD), [&](int64_t t0, int64_t t1) {
       std::vector<float> hf(nD), mix(m), pre(n);
       for (int64_t t = t0; t < t1; ++t) {
         for (int64_t i = 0; i < nD; ++i) hf[i] = ld(H, t * nD + i);
@@ -144,7 +144,7 @@ torch::Tensor hc_post(const torch::Tensor& out_in, const torch::Tensor& h_in, co
     const scalar_t* H = h.data_ptr<scalar_t>();
     const scalar_t* O = out.data_ptr<scalar_t>();
     scalar_t* Y = y.data_ptr<scalar_t>();
-    at::parallel_for(0, T, grain(n * n * D), [&](int64_t t0, int64_t t1) {
+    pool::run(T, grain(n * n * D), [&](int64_t t0, int64_t t1) {
       std::vector<float> acc(D);
       for (int64_t t = t0; t < t1; ++t) {
         const scalar_t* ht = H + t * n * D;
@@ -201,7 +201,7 @@ torch::Tensor norm_rope(const torch::Tensor& x_in, const c10::optional<torch::Te
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "norm_rope", [&] {
     const scalar_t* X = x.data_ptr<scalar_t>();
     scalar_t* Y = y.data_ptr<scalar_t>();
-    at::parallel_for(0, rows, grain(4 * D), [&](int64_t r0, int64_t r1) {
+    pool::run(rows, grain(4 * D), [&](int64_t r0, int64_t r1) {
       std::vector<float> v(D);
       for (int64_t r = r0; r < r1; ++r) {
         const scalar_t* xr = X + r * D;
@@ -257,12 +257,17 @@ std::vector<torch::Tensor> route(const torch::Tensor& logits_in, const c10::opti
   TORCH_CHECK(K >= 1 && K <= E, "route: K in [1, ", E, "], got ", K);
   auto weights = torch::empty({T, K}, logits.options());
   auto ids = hashed.defined() ? hashed.clone() : torch::empty({T, K}, logits.options().dtype(torch::kLong));
+  if (hashed.defined()) {  // checked here: the loop below runs on the pool, whose loops must not throw
+    const int64_t* h = hashed.data_ptr<int64_t>();
+    for (int64_t i = 0; i < T * K; ++i)
+      TORCH_CHECK(h[i] >= 0 && h[i] < E, "route: expert id ", h[i], " outside [0, ", E, ")");
+  }
   const float* L = logits.data_ptr<float>();
   const float* Bs = bias.defined() ? bias.data_ptr<float>() : nullptr;
   float* Wt = weights.data_ptr<float>();
   int64_t* I = ids.data_ptr<int64_t>();
   const float scale = static_cast<float>(route_scale);
-  at::parallel_for(0, T, grain(8 * E), [&](int64_t t0, int64_t t1) {
+  pool::run(T, grain(8 * E), [&](int64_t t0, int64_t t1) {
     std::vector<float> s(E), key(E);
     for (int64_t t = t0; t < t1; ++t) {
       const float* l = L + t * E;
@@ -290,10 +295,7 @@ std::vector<torch::Tensor> route(const torch::Tensor& logits_in, const c10::opti
       }
       float* w = Wt + t * K;
       float sum = 0;
-      for (int64_t k = 0; k < K; ++k) {
-        TORCH_CHECK(id[k] >= 0 && id[k] < E, "route: expert id ", id[k], " outside [0, ", E, ")");
-        sum += (w[k] = s[id[k]]);
-      }
+      for (int64_t k = 0; k < K; ++k) sum += (w[k] = s[id[k]]);
       for (int64_t k = 0; k < K; ++k) w[k] = (score_func == 0 ? w[k] : w[k] / sum) * scale;
     }
   });
@@ -363,7 +365,7 @@ torch::Tensor sink_decode(const torch::Tensor& q_in, const std::vector<torch::Te
   const float* Kd = keys.data();
   float* O = out.data_ptr<float>();
   const float scale = static_cast<float>(scale_d);
-  at::parallel_for(0, H, grain(2 * K * hd), [&](int64_t h0, int64_t h1) {
+  pool::run(H, grain(2 * K * hd), [&](int64_t h0, int64_t h1) {
     std::vector<float> p(K);
     for (int64_t h = h0; h < h1; ++h) {
       const float* qh = Q + h * hd;
@@ -400,7 +402,7 @@ torch::Tensor index_top(const torch::Tensor& q_in, const torch::Tensor& w_in, co
   const auto keys = f32c(keys_in);
   const float *Q = q.data_ptr<float>(), *W = w.data_ptr<float>(), *Kd = keys.data_ptr<float>();
   std::vector<float> score(N);
-  at::parallel_for(0, N, grain(Hi * d), [&](int64_t n0, int64_t n1) {
+  pool::run(N, grain(Hi * d), [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
       float s = 0;
       for (int64_t h = 0; h < Hi; ++h) s += std::max(dot(Q + h * d, Kd + n * d, d), 0.f) * W[h];
