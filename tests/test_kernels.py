@@ -374,14 +374,14 @@ def test_prefill_path_under_inference_mode():
     assert torch.isfinite(a).all() and torch.isfinite(b).all()
 
 
-@pytest.mark.parametrize("user", [None, "ACTIVE"])
-def test_openmp_waits_passively_unless_the_user_says(user):
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+@pytest.mark.parametrize("user", [None, "ACTIVE", "PASSIVE"])
+def test_openmp_waits_briefly_unless_the_user_says(user):
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     if user:
         env["OMP_WAIT_POLICY"] = user
-    code = "import dsv4, os; print(os.environ['OMP_WAIT_POLICY'])"
+    code = "import dsv4, os; print(os.environ['OMP_WAIT_POLICY'], os.environ.get('GOMP_SPINCOUNT'))"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == (user or "PASSIVE")
+    assert out.stdout.split() == ([user, "None"] if user else ["PASSIVE", "300"])
 
 
 def test_a_lock_left_by_a_killed_build_is_cleared(tmp_path):
