@@ -8,6 +8,10 @@ exact products, fp32 sums); from `*_PREFILL_ROWS` rows on they dequantize tiles 
 (a bf16 GEMM when x is bf16 and so is the result: exact products, fp32 sums).
 Calls that autograd must differentiate always take the fallback.
 
+Their parallel loops run on a worker pool of their own (`pool.h`: the caller works too, chunks are
+claimed from an atomic counter, idle workers look for the next loop for 2 ms before sleeping), on
+`torch.get_num_threads()` threads; only the prefill GEMMs stay on torch's OpenMP threads.
+
 The same build carries fused ops for the small per-layer work of a step (`fused.h`: mHC pre/post
 with the Sinkhorn iterations, RMSNorm + RoPE, the router); `fused()` says whether they take a call,
 and their callers in `dsv4.ops` / `dsv4.model` keep the plain-torch reference beside them.
