@@ -143,9 +143,10 @@ class HyperConnection(nn.Module):
 
     def pre(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """h [T, n, D] -> block input [T, D], post [T, n], comb [T, n, n] (fp32)."""
-        ext = kernels.fused(h, self.fn, self.base, self.scale)
+        fn, base, scale = self.fn, self.base, self.scale
+        ext = kernels.fused(h, fn, base, scale)
         if ext is not None:  # one call instead of ~100 tiny ops (the Sinkhorn iterations)
-            return tuple(ext.hc_pre(h, self.fn, self.scale, self.base, self.iters, self.eps, self.norm_eps))
+            return tuple(ext.hc_pre(h, fn, scale, base, self.iters, self.eps, self.norm_eps))
         return self.pre_torch(h)
 
     def pre_torch(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -471,8 +472,16 @@ class Expert(nn.Module):
         self.w2 = Linear(src.weight(f"{prefix}.w2", dtype))
         self.w3 = Linear(src.weight(f"{prefix}.w3", dtype))
 
+        self._weights = None  # (w1, w2, w3) once asked for; `_apply` (.to(), .float(), ...) drops it
+
     def weights(self) -> tuple[Weight, Weight, Weight]:
-        return self.w1.w, self.w2.w, self.w3.w
+        if self._weights is None:  # a decode step asks ~10 times per layer; nn.Module lookups add up
+            self._weights = (self.w1.w, self.w2.w, self.w3.w)
+        return self._weights
+
+    def _apply(self, fn, recurse=True):
+        self._weights = None
+        return super()._apply(fn, recurse)
 
 
 class ResidentExperts(nn.Module):
