@@ -62,8 +62,8 @@ class Pool {
       return;
     }
     std::lock_guard<std::mutex> hold(mu_, std::adopt_lock);
-    t_inside = true;
     start_workers(threads - 1);
+    t_inside = true;
     allowed_.store(threads - 1, std::memory_order_relaxed);
     // The loop's fields are written before the ticket that publishes them and read only by whoever
     // claims a chunk of that ticket; the next loop rewrites them only once every chunk is done.
