@@ -21,7 +21,7 @@ from .quant import MXFP4, Dense, FP8Block, Weight
 
 GEMV_ROWS = 4  # up to this many rows of x (decode), the kernels' GEMVs and fused decode ops take a call
 # Up to this many rows (a batch of decoding sequences), a layer's projections run as batches of the
-# kernels' decode products (one parallel region each) rather than one region per product.
+# kernels' decode products (one pool loop each) rather than one loop per product.
 DECODE_ROWS = 16
 KIND = {Dense: 0, FP8Block: 1, MXFP4: 2}  # the fused ops' weight-format codes
 

@@ -62,10 +62,9 @@ inline float row_dot(const W* w, const float* x, int64_t in) {
 // One product of a batch of decode products: y [M, out] fp32 = x [M, in] @ W.T (x fp32 values,
 // bf16-exact when `bf16`), through the same decode kernels, column orders and sums as the tensor
 // entry points (mxfp4_linear, fp8_linear, dense_linear for a few rows), into a caller's buffer.
-// `run_decode` computes a batch of them in ONE parallel region over all their 16-row tiles. With
-// OpenMP's passive wait, waking the other thread costs ~50 us per region on the development VM (a
-// 256 KB MXFP4 product: 15 us on 1 thread, 63 us on 2 waiting passively, 11 us on 2 spinning), so a
-// MoE layer's 21 matrices as 2 regions instead of 21 is what lets a second thread pay off.
+// `run_decode` computes a batch of them in ONE pool loop over all their 16-row tiles: a MoE layer's
+// 21 matrices as 2 loops instead of 21. (Under OpenMP's passive wait, before the pool, each region
+// cost ~50 us on the development VM: a 256 KB MXFP4 product took 15 us on 1 thread, 63 us on 2.)
 struct DecodeJob {
   int64_t kind = 0, M = 0, in = 0, out = 0, kp = 0;
   bool mxb = false;        // MXFP4 with bf16 dot products (x bf16-exact)
