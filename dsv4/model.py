@@ -569,12 +569,8 @@ class MoE(nn.Module):
         # decode (one token, K distinct experts): no gather/scatter, y + out is what index_add computes
         slot_of = {e: k for k, e in enumerate(ids[0].tolist())} if ids.shape[0] == 1 else {}
         one = len(slot_of) == ids.shape[1]
-        # a few tokens (a batch of decoding sequences): each expert's (token, router weight) pairs
-        pairs: dict[int, list[tuple[int, float]]] = {}
-        if not one and x.shape[0] <= ops.DECODE_ROWS:
-            for t, (row, w) in enumerate(zip(ids.tolist(), weights.tolist(), strict=True)):
-                for e, wk in zip(row, w, strict=True):
-                    pairs.setdefault(e, []).append((t, wk))
+        # several tokens, where the fused ops take them: each expert's tokens (ascending) and router weights
+        pairs = _expert_rows(ids, weights, used) if not one and kernels.fused(x, y) is not None else {}
         for i in range(0, len(used), group):
             chunk = used[i : i + group]
             got = self.experts.get(chunk)
@@ -582,8 +578,8 @@ class MoE(nn.Module):
             if one:  # the chunk in one fused call
                 y = ops.experts_sum(x, [got[e] for e in chunk], self.limit, weights, [slot_of[e] for e in chunk], y)
             elif pairs:  # the chunk in one fused call
-                rows = [[t for t, _ in pairs[e]] for e in chunk]
-                scales = [[w for _, w in pairs[e]] for e in chunk]
+                rows = [pairs[e][0] for e in chunk]
+                scales = [pairs[e][1] for e in chunk]
                 y = ops.experts_rows(x, [got[e] for e in chunk], rows, scales, self.limit, y)
             else:
                 for e in chunk:
@@ -593,6 +589,17 @@ class MoE(nn.Module):
                     y = y.index_add(0, rows, out.float())
             del got
         return y
+
+
+def _expert_rows(ids: torch.Tensor, weights: torch.Tensor, used: list[int]) -> dict[int, tuple[list[int], list[float]]]:
+    """Each used expert's (token rows ascending, their router weights), from ids / weights [T, K]
+    (`used` may be a subset of the experts in ids: a rank's share)."""
+    flat = ids.flatten()
+    order = torch.argsort(flat, stable=True)  # by expert, then by token: ids are distinct per token
+    counts = torch.bincount(flat)
+    starts, counts = (counts.cumsum(0) - counts).tolist(), counts.tolist()
+    toks, ws = (order // ids.shape[1]).tolist(), weights.flatten()[order].tolist()
+    return {e: (toks[starts[e] : starts[e] + counts[e]], ws[starts[e] : starts[e] + counts[e]]) for e in used}
 
 
 class Block(nn.Module):

@@ -169,14 +169,16 @@ def experts_sum(x: torch.Tensor, experts: list[tuple[Weight, Weight, Weight]], l
 def experts_rows(x: torch.Tensor, experts: list[tuple[Weight, Weight, Weight]], rows: list[list[int]],
                  scales: list[list[float]], limit: float, acc: torch.Tensor) -> torch.Tensor:  # fmt: skip
     """`acc` (fp32 `[T, D]`) plus, for each expert in list order, its `expert_mlp` output on x's rows
-    `rows[i]`, scaled by `scales[i]` (a router weight per row), added into those rows: a few tokens'
-    routed experts (a batch of decoding sequences) as two batches of decode products where the kernels
-    take them. The fused path adds in place."""
-    if x.dim() == 2 and x.shape[0] <= DECODE_ROWS:
+    `rows[i]`, scaled by `scales[i]` (a router weight per row), added into those rows. One fused call
+    where the kernels take it (it adds in place): up to DECODE_ROWS tokens (a batch of decoding
+    sequences) as two batches of decode products; a longer chunk (prefill) switches each expert to the
+    GEMM where `linear` would (`kernels.PREFILL_ROWS`) and runs those experts one per thread."""
+    if x.dim() == 2:
         ext = kernels.fused(x, acc)
         if ext is not None and all(type(w) in KIND for ws in experts for w in ws):
             parts = [tuple(weight_parts(w) for w in ws) for ws in experts]
-            return ext.experts_rows(x, parts, rows, scales, limit, acc)
+            prefill = [] if x.shape[0] <= DECODE_ROWS else kernels.prefill_rows(x.dtype)
+            return ext.experts_rows(x, parts, rows, scales, limit, acc, prefill)
     for (w1, w2, w3), r, sc in zip(experts, rows, scales, strict=True):
         if r:
             idx = torch.tensor(r, device=x.device)

@@ -280,3 +280,38 @@ def test_experts_rows(dtype):
             ref[t] += ops.expert_mlp_torch(x[t : t + 1], *ws, 0.5, torch.tensor([[s_]])).float()[0]
     got = ops.experts_rows(x, experts, rows, scales, 0.5, acc)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=2e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
+@needs_compiled
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_experts_rows_for_a_prefill_chunk(dtype):
+    """A prefill chunk's routed experts: experts with many rows take the GEMM (kernels.PREFILL_ROWS)
+    and run one per thread, one with a few rows the decode products; against the row-by-row reference,
+    and the same bits with 1 thread and with 2."""
+    from dsv4.quant import MXFP4, FP8Block, quantize_fp8_block, quantize_mxfp4
+
+    w = [rand(192, 256, seed=1, scale=0.1), rand(256, 192, seed=2, scale=0.1), rand(192, 256, seed=3, scale=0.1)]
+    experts = [tuple(MXFP4(*quantize_mxfp4(t)) for t in w), tuple(FP8Block(*quantize_fp8_block(t)) for t in w),
+               tuple(MXFP4(*quantize_mxfp4(t * 0.5)) for t in w), tuple(MXFP4(*quantize_mxfp4(t * 2)) for t in w)]  # fmt: skip
+    T = 48
+    x = rand(T, 256, dtype=dtype, seed=4)
+    g = torch.Generator().manual_seed(6)
+    rows = [list(range(0, T, 1)), list(range(1, T, 2)), [3, 7, 40], []]  # 48 and 24 rows: past the thresholds
+    scales = [torch.rand(len(r), generator=g).tolist() for r in rows]
+    f8_rows, mx_rows = kernels.prefill_rows(dtype)
+    assert len(rows[0]) >= mx_rows and len(rows[1]) >= f8_rows and len(rows[2]) < min(f8_rows, mx_rows)
+    acc = rand(T, 256, seed=5)
+    ref = acc.clone()
+    for ws, r, sc in zip(experts, rows, scales, strict=True):
+        for t, s_ in zip(r, sc, strict=True):
+            ref[t] += ops.expert_mlp_torch(x[t : t + 1], *ws, 0.5, torch.tensor([[s_]])).float()[0]
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ops.experts_rows(x, experts, rows, scales, 0.5, acc.clone())
+        torch.set_num_threads(2)
+        two = ops.experts_rows(x, experts, rows, scales, 0.5, acc.clone())
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)
+    torch.testing.assert_close(two, ref, rtol=1e-5, atol=2e-2 if dtype == torch.bfloat16 else 1e-4)

@@ -258,6 +258,14 @@ def _check(x: torch.Tensor, in_f: int) -> None:
         raise ValueError(f"x has {x.shape[-1]} input features, the weight expects {in_f}")
 
 
+def prefill_rows(dtype: torch.dtype) -> list[int]:
+    """The rows of x (this dtype) from which `fp8_linear` (e8m0 scales) and `mxfp4_linear` take their
+    GEMM path: [FP8, MXFP4], as the fused ops that call them for a prefill chunk take them."""
+    ext = _load()
+    gemm = torch.bfloat16 if dtype == torch.bfloat16 and ext is not None and ext.has_bf16_gemm() else torch.float32
+    return [PREFILL_ROWS["fp8", gemm], PREFILL_ROWS["mxfp4", gemm]]
+
+
 def mxfp4_linear(
     x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, out_dtype: torch.dtype | None = None
 ) -> torch.Tensor:

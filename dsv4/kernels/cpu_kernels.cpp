@@ -17,12 +17,16 @@
 // dtypes again behind dsv4/kernels/__init__.py. This file knows nothing of models.
 
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
+#include <omp.h>
 #include <immintrin.h>
 #include <torch/extension.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <exception>
+#include <mutex>
 #include <vector>
 
 #include "pool.h"
@@ -376,7 +380,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("grouped_linear", &fused::grouped_linear, "block-diagonal projection of a few rows, any weight format");
   m.def("attn_project", &fused::attn_project, "an attention layer's projections for a few rows");
   m.def("attn_output", &fused::attn_output, "an attention layer's output projection for a few rows");
-  m.def("experts_rows", &fused::experts_rows, "a few tokens' routed experts, each on its own rows, added into fp32");
+  m.def("experts_rows", &fused::experts_rows, "routed experts, each on its own rows, added into fp32");
   m.def("experts_sum", &fused::experts_sum, "several SwiGLU experts for a few rows, summed in fp32");
   m.def("expert_mlp", &fused::expert_mlp, "one SwiGLU expert for a few rows, optionally added into an fp32 sum");
   m.def("route", &fused::route, "router scores, top-k (or hashed ids) and normalized weights");

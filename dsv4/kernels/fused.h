@@ -422,11 +422,13 @@ torch::Tensor index_top(const torch::Tensor& q_in, const torch::Tensor& w_in, co
 
 // y = x @ W.T for a weight in one of dsv4.quant's formats: kind 0 Dense (scale unused), 1 FP8Block,
 // 2 MXFP4; x's dtype out, what ops.linear computes for a few rows of x.
+// From rows_f8 / rows_mx rows of x on, FP8 / MXFP4 take their dequantize-and-GEMM path (kernels.
+// PREFILL_ROWS); by default never (a few rows: the decode paths).
+constexpr int64_t kDecodeOnly = std::numeric_limits<int64_t>::max();
 inline torch::Tensor linear_any(const torch::Tensor& x, int64_t kind, const torch::Tensor& w,
-                                const torch::Tensor& s) {
-  constexpr int64_t kDecode = std::numeric_limits<int64_t>::max();  // a few rows: the decode paths
-  if (kind == 1) return ::fp8_linear(x, w, s, kDecode, false);
-  if (kind == 2) return ::mxfp4_linear(x, w, s, kDecode, false);
+                                const torch::Tensor& s, int64_t rows_f8 = kDecodeOnly, int64_t rows_mx = kDecodeOnly) {
+  if (kind == 1) return ::fp8_linear(x, w, s, rows_f8, false);
+  if (kind == 2) return ::mxfp4_linear(x, w, s, rows_mx, false);
   TORCH_CHECK(kind == 0, "expert_mlp: weight kind 0 (dense), 1 (FP8) or 2 (MXFP4), got ", kind);
   if (dense_pair(x.scalar_type(), w.scalar_type())) return dense_linear(x, w);
   return at::linear(x, w.to(x.scalar_type()));
@@ -453,8 +455,9 @@ torch::Tensor grouped_linear(const torch::Tensor& x, int64_t kind, const torch::
 }
 
 // ---- an attention layer's per-token work, for a few rows ----
-inline torch::Tensor linear_of(const torch::Tensor& x, const Lin& w) {
-  return linear_any(x, std::get<0>(w), std::get<1>(w), std::get<2>(w));
+inline torch::Tensor linear_of(const torch::Tensor& x, const Lin& w, int64_t rows_f8 = kDecodeOnly,
+                               int64_t rows_mx = kDecodeOnly) {
+  return linear_any(x, std::get<0>(w), std::get<1>(w), std::get<2>(w), rows_f8, rows_mx);
 }
 
 // ---- batches of decode products (decode.h) ----
@@ -601,19 +604,26 @@ torch::Tensor attn_output(const torch::Tensor& o, const torch::Tensor& cos, cons
 // clamp(w3 x, -limit, limit) in fp32 (no clamping when limit <= 0), times route[:, slot] when
 // slot >= 0, rounded to x's dtype; returns w2 h in x's dtype.
 inline torch::Tensor expert_out(const torch::Tensor& x, const Lin& w1, const Lin& w2, const Lin& w3, double limit_d,
-                                const torch::Tensor& route, int64_t slot) {
-  const auto g = linear_of(x, w1).to(torch::kFloat).contiguous();
-  const auto u = linear_of(x, w3).to(torch::kFloat).contiguous();
+                                const torch::Tensor& route, int64_t slot, int64_t rows_f8 = kDecodeOnly,
+                                int64_t rows_mx = kDecodeOnly) {
+  const auto g = linear_of(x, w1, rows_f8, rows_mx).to(torch::kFloat).contiguous();
+  const auto u = linear_of(x, w3, rows_f8, rows_mx).to(torch::kFloat).contiguous();
   TORCH_CHECK(g.sizes() == u.sizes(), "expert_mlp: w1 and w3 give ", g.sizes(), " and ", u.sizes());
   const int64_t M = g.size(0), F = g.size(1);
   TORCH_CHECK(slot < 0 || (route.dim() == 2 && route.size(0) == M && slot < route.size(1) &&
                            route.scalar_type() == torch::kFloat && route.is_contiguous()),
               "expert_mlp: route weights fp32 [", M, ", K] with column ", slot, ", got ", route.sizes());
+  const float limit = static_cast<float>(limit_d);
+  if (M * F >= 4096) {  // a prefill chunk's expert: ops.swiglu's own (vectorized) ops, in its order
+    const auto a = limit > 0 ? g.clamp_max(limit) : g, b = limit > 0 ? u.clamp(-limit, limit) : u;
+    auto hv = at::silu(a) * b;
+    if (slot >= 0) hv = hv * route.select(1, slot).unsqueeze(1);
+    return linear_of(hv.to(x.scalar_type()), w2, rows_f8, rows_mx);
+  }
   auto h = torch::empty({M, F}, g.options());
   const float *G = g.data_ptr<float>(), *U = u.data_ptr<float>();
   const float* R = slot >= 0 ? route.data_ptr<float>() : nullptr;
   float* Hd = h.data_ptr<float>();
-  const float limit = static_cast<float>(limit_d);
   for (int64_t m = 0; m < M; ++m)
     for (int64_t f = 0; f < F; ++f) {
       float a = G[m * F + f], b = U[m * F + f];
@@ -624,7 +634,7 @@ inline torch::Tensor expert_out(const torch::Tensor& x, const Lin& w1, const Lin
       const float v = a / (1.f + std::exp(-a)) * b;
       Hd[m * F + f] = R ? v * R[m * route.size(1) + slot] : v;
     }
-  return linear_of(h.to(x.scalar_type()), w2);
+  return linear_of(h.to(x.scalar_type()), w2, rows_f8, rows_mx);
 }
 
 // acc (fp32, contiguous) += out, in place.
@@ -725,31 +735,80 @@ inline std::vector<float> rows_f32(const torch::Tensor& x) {
   return xf;
 }
 
-// MoE.add_routed for a few tokens, each routed to its own experts: acc [T, D] fp32 (in place) +=
-// for each expert e in list order, its SwiGLU output on x's rows rows[e], scaled by scales[e] (one
-// weight per row): what a torch.where + expert_mlp + index_add per expert computes, as two batches
-// of decode products.
+// MoE.add_routed, each token routed to its own experts: acc [T, D] fp32 (in place) += for each expert
+// e in list order, its SwiGLU output on x's rows rows[e], scaled by scales[e] (one weight per row):
+// what a torch.where + expert_mlp + index_add per expert computes. prefill_rows: empty (a few tokens:
+// every expert the decode products take runs on them), or kernels.PREFILL_ROWS' {FP8, MXFP4}
+// thresholds for x (a prefill chunk): an expert with fewer rows than its w1's threshold runs on the
+// decode products, the others take expert_out, which switches to the GEMM at the same thresholds as
+// ops.linear. The decode-product experts run as two batches of decode products; the others, when
+// more than one, in parallel, one expert per thread (their GEMMs single-threaded: a chunk's experts
+// are many small GEMMs, each too small to pay for waking threads). The sums are added in list order.
 torch::Tensor experts_rows(const torch::Tensor& x, const std::vector<ExpertW>& experts,
                            const std::vector<std::vector<int64_t>>& rows, const std::vector<std::vector<double>>& scales,
-                           double limit, torch::Tensor acc) {
+                           double limit, torch::Tensor acc, const std::vector<int64_t>& prefill_rows) {
   check_float(x, "experts_rows x");
   const int64_t T = x.size(0), D = x.size(1);
   TORCH_CHECK(x.dim() == 2 && experts.size() == rows.size() && rows.size() == scales.size() &&
                   acc.scalar_type() == torch::kFloat && acc.is_contiguous() && acc.dim() == 2 && acc.size(0) == T,
               "experts_rows: x [T, D], acc fp32 [T, D'], rows and scales per expert");
+  TORCH_CHECK(prefill_rows.empty() || prefill_rows.size() == 2, "experts_rows: prefill_rows {FP8, MXFP4} or none");
+  const int64_t rows_f8 = prefill_rows.empty() ? kDecodeOnly : prefill_rows[0];
+  const int64_t rows_mx = prefill_rows.empty() ? kDecodeOnly : prefill_rows[1];
   const bool bf16 = x.scalar_type() == torch::kBFloat16;
+  const size_t E = experts.size();
+  std::vector<char> decode(E, 0);
+  std::vector<size_t> tensor_path;
+  for (size_t e = 0; e < E; ++e) {
+    const int64_t M = rows[e].size();
+    TORCH_CHECK(static_cast<int64_t>(scales[e].size()) == M, "experts_rows: a scale per row");
+    for (int64_t r : rows[e]) TORCH_CHECK(r >= 0 && r < T, "experts_rows: row ", r, " outside [0, ", T, ")");
+    if (M == 0) continue;
+    const int64_t below = std::get<0>(std::get<0>(experts[e])) == 1 ? rows_f8 : rows_mx;
+    decode[e] = M < below && expert_takes(experts[e], D, acc.size(1), bf16);
+    if (!decode[e]) tensor_path.push_back(e);
+  }
+  // the tensor-path experts' outputs [M_e, D'] fp32, computed before the sums
+  std::vector<torch::Tensor> outs(E);
+  auto out_of = [&](size_t e) {
+    const int64_t M = rows[e].size();
+    const auto idx = torch::tensor(rows[e], torch::kLong);
+    const auto sc = torch::tensor(std::vector<float>(scales[e].begin(), scales[e].end())).view({M, 1});
+    const auto& [w1, w2, w3] = experts[e];
+    outs[e] = expert_out(x.index_select(0, idx), w1, w2, w3, limit, sc, 0, rows_f8, rows_mx).to(torch::kFloat);
+  };
+  if (tensor_path.size() > 1 && at::get_num_threads() > 1) {
+    const at::ThreadLocalState tls;  // grad / inference mode, as the caller has them
+    std::exception_ptr failed;
+    std::mutex failed_mu;
+    pool::run(static_cast<int64_t>(tensor_path.size()), 1, [&](int64_t i0, int64_t i1) {
+      at::ThreadLocalStateGuard guard(tls);
+      const int threads = omp_get_max_threads();
+      omp_set_num_threads(1);  // this thread's OpenMP regions (dequant_mm, the bf16 GEMM) run serially
+      for (int64_t i = i0; i < i1; ++i) {
+        try {
+          out_of(tensor_path[i]);
+        } catch (...) {  // pool loops must not throw: rethrown below
+          std::lock_guard<std::mutex> lk(failed_mu);
+          if (!failed) failed = std::current_exception();
+        }
+      }
+      omp_set_num_threads(threads);
+    });
+    if (failed) std::rethrow_exception(failed);
+  } else {
+    for (size_t e : tensor_path) out_of(e);
+  }
   const auto xf = rows_f32(x);
   std::vector<ExpertRows> items;
   auto flush = [&] {
     if (!items.empty()) experts_into(items, D, bf16, static_cast<float>(limit), acc.data_ptr<float>(), acc.size(1));
     items.clear();
   };
-  for (size_t e = 0; e < experts.size(); ++e) {
+  for (size_t e = 0; e < E; ++e) {
     const int64_t M = rows[e].size();
-    TORCH_CHECK(static_cast<int64_t>(scales[e].size()) == M, "experts_rows: a scale per row");
-    for (int64_t r : rows[e]) TORCH_CHECK(r >= 0 && r < T, "experts_rows: row ", r, " outside [0, ", T, ")");
     if (M == 0) continue;
-    if (expert_takes(experts[e], D, acc.size(1), bf16)) {
+    if (decode[e]) {
       ExpertRows it{&experts[e], nullptr, std::vector<float>(scales[e].begin(), scales[e].end()), rows[e],
                     std::vector<float>(M * D)};
       for (int64_t m = 0; m < M; ++m) std::memcpy(&it.gathered[m * D], &xf[rows[e][m] * D], D * sizeof(float));
@@ -757,11 +816,14 @@ torch::Tensor experts_rows(const torch::Tensor& x, const std::vector<ExpertW>& e
       items.push_back(std::move(it));
       continue;
     }
-    flush();  // the tensor path for this one, in the same order
-    const auto idx = torch::tensor(rows[e], torch::kLong);
-    const auto sc = torch::tensor(std::vector<float>(scales[e].begin(), scales[e].end())).view({M, 1});
-    const auto& [w1, w2, w3] = experts[e];
-    acc.index_add_(0, idx, expert_out(x.index_select(0, idx), w1, w2, w3, limit, sc, 0).to(torch::kFloat));
+    flush();  // this one's output, in the same order
+    const auto of = f32c(outs[e]);
+    const float* O = of.data_ptr<float>();
+    float* A = acc.data_ptr<float>();
+    const int64_t out = acc.size(1);
+    TORCH_CHECK(of.dim() == 2 && of.size(0) == M && of.size(1) == out, "experts_rows: expert output ", of.sizes());
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t i = 0; i < out; ++i) A[rows[e][m] * out + i] += O[m * out + i];
   }
   flush();
   return acc;
