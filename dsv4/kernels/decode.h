@@ -43,17 +43,25 @@ inline float row_dot(const W* w, const float* x, int64_t in) {
   return s;
 }
 #else
+inline __m256 load8(const float* w) { return _mm256_loadu_ps(w); }
+inline __m256 load8(const uint16_t* w) {  // 8 bf16 -> fp32: the bits in the high half
+  return _mm256_castsi256_ps(
+      _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w))), 16));
+}
+
+// Four accumulators: the FMA latency, not the load, bounds fewer (a plain loop that the compiler
+// left scalar read bf16 at ~3 GB/s from cache on a Zen 3).
 template <typename W>
 inline float row_dot(const W* w, const float* x, int64_t in) {
-  float acc[16] = {0};
+  constexpr int64_t kLine = 64 / sizeof(W);  // weights per cache line
+  __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
   int64_t i = 0;
-  for (; i + 16 <= in; i += 16) {
-    if (i * int64_t(sizeof(W)) % 64 == 0) prefetch(reinterpret_cast<const uint8_t*>(w + i) + kPrefetch);
-    for (int l = 0; l < 16; ++l) acc[l] += wval(w, i + l) * x[i + l];
+  for (; i + 32 <= in; i += 32) {
+    for (int64_t l = 0; l < 32; l += kLine) prefetch(reinterpret_cast<const uint8_t*>(w + i + l) + kPrefetch);
+    for (int k = 0; k < 4; ++k) a[k] = _mm256_fmadd_ps(load8(w + i + 8 * k), _mm256_loadu_ps(x + i + 8 * k), a[k]);
   }
-  float s = 0;
+  float s = hsum(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])));
   for (; i < in; ++i) s += wval(w, i) * x[i];
-  for (int l = 0; l < 16; ++l) s += acc[l];
   return s;
 }
 #endif
