@@ -232,8 +232,11 @@ class Engine:
             return [logits[a:b] for a, b in batch.segments]
         every = all_logits if isinstance(all_logits, list) else [False] * len(seqs)
         spans = [(a, b) if full else (b - 1, b) for (a, b), full in zip(batch.segments, every, strict=True)]
-        rows = torch.tensor([r for a, b in spans for r in range(a, b)], device=h.device)
-        logits = self.model.logits_from(h[rows])
+        if len(spans) == 1:  # one sequence (batch-1 decode): a view, no index tensor
+            logits = self.model.logits_from(h[spans[0][0] : spans[0][1]])
+        else:
+            rows = torch.tensor([r for a, b in spans for r in range(a, b)], device=h.device)
+            logits = self.model.logits_from(h[rows])
         out, at = [], 0
         for a, b in spans:
             out.append(logits[at : at + b - a])

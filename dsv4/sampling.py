@@ -82,15 +82,21 @@ class Sampler:
         seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
         self.generator = torch.Generator().manual_seed(seed)
         self.vocab_size = vocab_size
-        self.seen = torch.zeros(vocab_size, dtype=torch.bool)  # prompt or output
-        ids = torch.tensor([i for i in prompt_ids if 0 <= i < vocab_size], dtype=torch.long)
-        self.seen[ids] = True
-        self.counts = torch.zeros(vocab_size, dtype=torch.float32)  # output only
+        # The penalties' history, kept only when a penalty is set: two vocabulary-sized tensors and
+        # two indexing ops per token otherwise spent for nothing (~0.1 ms of a step on small models).
+        self.penalized = params.repetition_penalty != 1.0 or bool(params.frequency_penalty or params.presence_penalty)
+        if self.penalized:
+            self.seen = torch.zeros(vocab_size, dtype=torch.bool)  # prompt or output
+            ids = torch.tensor([i for i in prompt_ids if 0 <= i < vocab_size], dtype=torch.long)
+            self.seen[ids] = True
+            self.counts = torch.zeros(vocab_size, dtype=torch.float32)  # output only
 
     def adjust(self, logits: torch.Tensor) -> torch.Tensor:
-        """Penalties applied to raw logits [V] (fp32)."""
+        """Penalties applied to raw logits [V] (fp32; a new tensor, the caller's is left alone)."""
         p = self.params
         logits = logits.float().clone()
+        if not self.penalized:
+            return logits
         if p.repetition_penalty != 1.0:
             hit = logits[self.seen]
             logits[self.seen] = torch.where(hit > 0, hit / p.repetition_penalty, hit * p.repetition_penalty)
@@ -128,9 +134,9 @@ class Sampler:
         return probs / total
 
     def sample(self, logits: torch.Tensor) -> int:
+        if self.params.greedy:  # the first maximum of the adjusted logits, as argmax of probs() gives
+            return int((self.adjust(logits) if self.penalized else logits).argmax())
         probs = self.probs(logits)
-        if self.params.greedy:
-            return int(probs.argmax())
         return int(torch.multinomial(probs, 1, generator=self.generator))
 
     def draw(self, probs: torch.Tensor) -> int:
@@ -142,7 +148,7 @@ class Sampler:
 
     def accept(self, token_id: int) -> None:
         """Record a generated token (for the penalties)."""
-        if 0 <= token_id < self.vocab_size:
+        if self.penalized and 0 <= token_id < self.vocab_size:
             self.seen[token_id] = True
             self.counts[token_id] += 1
 

@@ -169,6 +169,13 @@ def test_sampler_truncation_and_penalties():
     adj = s.adjust(logits)
     assert adj[1] == 1.5  # seen in the prompt, positive: divided
     assert adj[3] == pytest.approx(-1.0 * 2 - 0.5 - 0.5)  # seen twice in the output: all three penalties
+    # greedy follows the penalties too: token 1 (3.0, seen) falls to 1.5, below token 2 (2.0)
+    greedy = Sampler(SamplingParams(temperature=0.0, repetition_penalty=2.0), [1], 5)
+    assert greedy.sample(logits) == 2
+    assert Sampler(SamplingParams(temperature=0.0), [1], 5).sample(logits) == 1  # no penalty: the raw argmax
+    plain = Sampler(SamplingParams(temperature=0.0), [1], 5)
+    plain.accept(1)
+    assert plain.adjust(logits).equal(logits) and plain.adjust(logits) is not logits
 
 
 @pytest.mark.parametrize(
