@@ -144,6 +144,29 @@ def test_dense_gemv(dtype, rows):
 
 
 @needs_compiled
+@pytest.mark.parametrize("native", [True, False])
+def test_dense_gemv_takes_a_decode_batch_without_native_bf16(monkeypatch, native):
+    """16 rows against a bf16 matrix (the head, a server batch) take the GEMV where torch has no
+    native bf16 GEMM, F.linear where it has one; the same values either way."""
+    from dsv4.quant import Dense
+
+    monkeypatch.setattr(ops, "_native_bf16_gemm", lambda: native)
+    calls, ext = [], kernels.fused()
+
+    class Counting:  # the extension, counting its GEMV calls
+        def dense_linear(self, *args):
+            calls.append(1)
+            return ext.dense_linear(*args)
+
+    monkeypatch.setattr(kernels, "fused", lambda *t: Counting())
+    x, w = rand(ops.DECODE_ROWS, 200, dtype=torch.bfloat16), rand(300, 200, dtype=torch.bfloat16, seed=7)
+    agree(ops.linear(x, Dense(w)), torch.nn.functional.linear(x, w))
+    assert len(calls) == (0 if native else 1)
+    ops.linear(x[: ops.GEMV_ROWS], Dense(w))  # a few rows: the GEMV whatever the CPU
+    assert len(calls) == (1 if native else 2)
+
+
+@needs_compiled
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", [1, 3])
 @pytest.mark.parametrize("fmt", ["fp8", "dense"])
