@@ -559,12 +559,13 @@ class MoE(nn.Module):
         used = sorted(set(ids.flatten().tolist()))
         # start reading the next layer's likely experts while this one computes
         self.experts.prefetch_next(x, tokens, used, self.next_moe)
-        y = ops.experts_sum(x, [self.shared.weights()], self.limit, weights, [None])  # fp32
-        return self.add_routed(y, x, weights, ids, used).to(x.dtype)
+        return self.add_routed(None, x, weights, ids, used, lead=[self.shared.weights()]).to(x.dtype)
 
-    def add_routed(self, y: torch.Tensor, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
-                   used: list[int]) -> torch.Tensor:  # fmt: skip
-        """y [T, D] fp32 plus the routed experts `used`' contributions (x [T, D], weights/ids [T, K])."""
+    def add_routed(self, y: torch.Tensor | None, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+                   used: list[int], lead: list = ()) -> torch.Tensor:  # fmt: skip
+        """y [T, D] fp32 (None: zeros) plus `lead`'s experts (the shared one: unscaled, first) and the
+        routed experts `used`' contributions (x [T, D], weights/ids [T, K]), in that order."""
+        lead = list(lead)
         group = self.experts.group  # a store bounds how many it hands out at once
         # decode (one token, K distinct experts): no gather/scatter, y + out is what index_add computes
         slot_of = {e: k for k, e in enumerate(ids[0].tolist())} if ids.shape[0] == 1 else {}
@@ -575,19 +576,26 @@ class MoE(nn.Module):
             chunk = used[i : i + group]
             got = self.experts.get(chunk)
             # a fixed order: the sum must not depend on where experts came from
-            if one:  # the chunk in one fused call
-                y = ops.experts_sum(x, [got[e] for e in chunk], self.limit, weights, [slot_of[e] for e in chunk], y)
-            elif pairs:  # the chunk in one fused call
-                rows = [pairs[e][0] for e in chunk]
-                scales = [pairs[e][1] for e in chunk]
-                y = ops.experts_rows(x, [got[e] for e in chunk], rows, scales, self.limit, y)
+            if one:  # the chunk in one fused call (a decode token: the shared expert goes with the first)
+                slots = [None] * len(lead) + [slot_of[e] for e in chunk]
+                y = ops.experts_sum(x, lead + [got[e] for e in chunk], self.limit, weights, slots, y)
             else:
-                for e in chunk:
-                    w1, w2, w3 = got[e]
-                    rows, slot = torch.where(ids == e)
-                    out = ops.expert_mlp(x[rows], w1, w2, w3, self.limit, weights[rows, slot, None])
-                    y = y.index_add(0, rows, out.float())
+                if lead:
+                    y = ops.experts_sum(x, lead, self.limit, weights, [None] * len(lead), y)
+                if pairs:  # the chunk in one fused call
+                    rows = [pairs[e][0] for e in chunk]
+                    scales = [pairs[e][1] for e in chunk]
+                    y = ops.experts_rows(x, [got[e] for e in chunk], rows, scales, self.limit, y)
+                else:
+                    for e in chunk:
+                        w1, w2, w3 = got[e]
+                        rows, slot = torch.where(ids == e)
+                        out = ops.expert_mlp(x[rows], w1, w2, w3, self.limit, weights[rows, slot, None])
+                        y = y.index_add(0, rows, out.float())
+            lead = []
             del got
+        if lead:  # no routed expert here (a rank's empty share)
+            y = ops.experts_sum(x, lead, self.limit, weights, [None] * len(lead), y)
         return y
 
 
