@@ -55,22 +55,13 @@ _ISA_NEEDS = {"avx512": {"avx512f", "avx512bw", "avx512vl"}, "avx2": {"avx2", "f
 # keyed by format and GEMM dtype (bf16 when x is bf16, the output is not asked for in fp32, the
 # CPU has bf16 dot products and, for FP8, the scales are e8m0). Single-thread crossovers measured
 # on the development Xeon: FP8 decode amortises its e4m3 expansion over fewer FMAs than MXFP4
-# does, and the bf16 GEMM is ~2-4x the fp32 one, so those hand over earlier. A third key element
-# names a build whose crossover differs: the AVX2 build's MXFP4 decode spends more per code on its
-# expansion (Zen 3, 1 thread, decode / GEMM us: 2048 x 4096, 16 rows 6,992 / 8,310, 24 rows
-# 12,762 / 10,335; 256 x 256, 16 rows 49 / 47, 24 rows 72 / 59).
+# does, and the bf16 GEMM is ~2-4x the fp32 one, so those hand over earlier.
 PREFILL_ROWS = {
     ("mxfp4", torch.float32): 40,
-    ("mxfp4", torch.float32, "avx2"): 20,
     ("mxfp4", torch.bfloat16): 20,
     ("fp8", torch.float32): 20,
     ("fp8", torch.bfloat16): 12,
 }
-
-
-def _rows(ext, fmt: str, gemm: torch.dtype) -> int:
-    """PREFILL_ROWS for this build (None: the fallback, which has no decode path of its own)."""
-    return PREFILL_ROWS.get((fmt, gemm, ext.isa() if ext is not None else None), PREFILL_ROWS[fmt, gemm])
 # The fallback dequantizes at most this many weight elements at a time (64 MB of fp32).
 _FALLBACK_CHUNK = 1 << 24
 
@@ -272,7 +263,7 @@ def prefill_rows(dtype: torch.dtype) -> list[int]:
     GEMM path: [FP8, MXFP4], as the fused ops that call them for a prefill chunk take them."""
     ext = _load()
     gemm = torch.bfloat16 if dtype == torch.bfloat16 and ext is not None and ext.has_bf16_gemm() else torch.float32
-    return [_rows(ext, "fp8", gemm), _rows(ext, "mxfp4", gemm)]
+    return [PREFILL_ROWS["fp8", gemm], PREFILL_ROWS["mxfp4", gemm]]
 
 
 def mxfp4_linear(
@@ -292,7 +283,7 @@ def mxfp4_linear(
         if x.dtype == torch.bfloat16 and not fp32_out and ext.has_bf16_gemm()
         else torch.float32
     )
-    y = ext.mxfp4_linear(x, weight, scale, _rows(ext, "mxfp4", gemm), fp32_out)
+    y = ext.mxfp4_linear(x, weight, scale, PREFILL_ROWS["mxfp4", gemm], fp32_out)
     return y if out_dtype is None else y.to(out_dtype)
 
 
@@ -310,7 +301,7 @@ def fp8_linear(
     fp32_out = out_dtype == torch.float32
     bf16 = x.dtype == torch.bfloat16 and not fp32_out and scale.dtype in _BYTE_DTYPES and ext.has_bf16_gemm()
     y = ext.fp8_linear(
-        x, weight, scale, _rows(ext, "fp8", torch.bfloat16 if bf16 else torch.float32), fp32_out
+        x, weight, scale, PREFILL_ROWS["fp8", torch.bfloat16 if bf16 else torch.float32], fp32_out
     )
     return y if out_dtype is None else y.to(out_dtype)
 
