@@ -176,9 +176,6 @@ inline void e4m3_expand(__m512i v, __m512 f[4]) {
   f[3] = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(odd, 1));
 }
 
-// The e4m3 expansion gives value * 2^-kF8Exp (decode.h scales x up to match).
-constexpr int kF8Exp = 8;
-
 inline __m512i f8_load(const uint8_t* w, int64_t in, int64_t c) {
   const int64_t rem = in - c * kF8Chunk;
   if (rem >= kF8Chunk) return _mm512_loadu_si512(w + c * kF8Chunk);

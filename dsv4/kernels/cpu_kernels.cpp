@@ -24,7 +24,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cmath>
 #include <cstring>
 #include <exception>
 #include <mutex>
@@ -101,7 +100,7 @@ torch::Tensor permute_x(const torch::Tensor& x) {
   return out;
 }
 
-// Block scales as float32 times 2^8 (undoing that much of the e4m3 expansion's 2^-kF8Exp), grid [ceil(out/128), ceil(in/128)].
+// Block scales as float32 times 2^8 (undoing e4m3_expand's 2^-8), grid [ceil(out/128), ceil(in/128)].
 std::vector<float> f8_scales(const torch::Tensor& scale) {
   auto s = scale.contiguous();
   std::vector<float> out(s.numel());

@@ -80,7 +80,6 @@ struct DecodeJob {
   const uint8_t* s = nullptr;
   bool w_bf16 = false;     // Dense: bf16 values (else fp32)
   std::vector<float> sc;   // FP8 block scales (f8_scales)
-  float f8_up = 1.f, f8_down = 1.f;  // FP8: x's extra factor, and y's to undo what it lacks of 2^(kF8Exp-8)
   std::vector<float> xp;   // x permuted for the format (MXFP4 / FP8); Dense reads x itself
   std::vector<uint16_t> xb;  // x as bf16 bits in the mxb order
   const float* x = nullptr;
@@ -118,15 +117,6 @@ struct DecodeJob {
       kp = ceil_div(in, kF8Chunk) * kF8Chunk;
       xp.resize(M * kp);
       permute_into<kF8Chunk, f8_src>(x, M, in, xp.data());
-      // The expansion's 2^-kF8Exp is undone on x (sc carries 2^8 of it): xs = x * scale * 2^kF8Exp.
-      // Where that would overflow (|x * scale| past ~2^(134 - kF8Exp): no real activation), x takes
-      // a smaller power of two and y the rest once the products are done (run_decode).
-      float amax = 0.f, smax = 0.f;
-      for (float v : xp) amax = std::max(amax, std::fabs(v));
-      for (float v : sc) smax = std::max(smax, std::fabs(v));
-      const double top = double(amax) * smax;
-      const int d = top > 0 && std::isfinite(top) ? std::max(0, std::ilogb(top) + 1 + (kF8Exp - 8) - 126) : 0;
-      f8_up = std::ldexp(1.f, kF8Exp - 8 - d), f8_down = std::ldexp(1.f, d);
     } else {
       w_bf16 = w_t.scalar_type() == torch::kBFloat16;
     }
@@ -160,7 +150,7 @@ struct DecodeJob {
         for (int64_t m = 0; m < M; ++m)
           for (int64_t i0 = 0; i0 < kp; i0 += 128) {
             const float sv = sc[rb * nbi + i0 / 128];
-            for (int64_t i = i0; i < std::min(kp, i0 + 128); ++i) xs[m * kp + i] = xp[m * kp + i] * sv * f8_up;
+            for (int64_t i = i0; i < std::min(kp, i0 + 128); ++i) xs[m * kp + i] = xp[m * kp + i] * sv;
           }
       }
       for_tile(r0, r1, M, kp / kF8Chunk, kF8Chunk, in, 4,
@@ -198,9 +188,6 @@ inline void run_decode(const std::vector<DecodeJob>& jobs) {
       jobs[j].tile(t - first[j], xs, key_job, key_block);
     }
   });
-  for (const auto& job : jobs)
-    if (job.f8_down != 1.f)
-      for (int64_t i = 0; i < job.M * job.out; ++i) job.y[i] *= job.f8_down;
 }
 
 // One product (a batch of one).
