@@ -565,37 +565,33 @@ class MoE(nn.Module):
                    used: list[int], lead: list = ()) -> torch.Tensor:  # fmt: skip
         """y [T, D] fp32 (None: zeros) plus `lead`'s experts (the shared one: unscaled, first) and the
         routed experts `used`' contributions (x [T, D], weights/ids [T, K]), in that order."""
-        lead = list(lead)
         group = self.experts.group  # a store bounds how many it hands out at once
         # decode (one token, K distinct experts): no gather/scatter, y + out is what index_add computes
         slot_of = {e: k for k, e in enumerate(ids[0].tolist())} if ids.shape[0] == 1 else {}
         one = len(slot_of) == ids.shape[1]
         # several tokens, where the fused ops take them: each expert's tokens (ascending) and router weights
         pairs = _expert_rows(ids, weights, used) if not one and kernels.fused(x, y) is not None else {}
+        lead = list(lead)
+        if lead and not (one and used):  # the lead experts alone: a decode token takes them with its first chunk
+            y, lead = ops.experts_sum(x, lead, self.limit, weights, [None] * len(lead), y), []
         for i in range(0, len(used), group):
             chunk = used[i : i + group]
             got = self.experts.get(chunk)
             # a fixed order: the sum must not depend on where experts came from
-            if one:  # the chunk in one fused call (a decode token: the shared expert goes with the first)
+            if one:  # the chunk in one fused call (with the lead experts, the first time)
                 slots = [None] * len(lead) + [slot_of[e] for e in chunk]
-                y = ops.experts_sum(x, lead + [got[e] for e in chunk], self.limit, weights, slots, y)
+                y, lead = ops.experts_sum(x, lead + [got[e] for e in chunk], self.limit, weights, slots, y), []
+            elif pairs:  # the chunk in one fused call
+                rows = [pairs[e][0] for e in chunk]
+                scales = [pairs[e][1] for e in chunk]
+                y = ops.experts_rows(x, [got[e] for e in chunk], rows, scales, self.limit, y)
             else:
-                if lead:
-                    y = ops.experts_sum(x, lead, self.limit, weights, [None] * len(lead), y)
-                if pairs:  # the chunk in one fused call
-                    rows = [pairs[e][0] for e in chunk]
-                    scales = [pairs[e][1] for e in chunk]
-                    y = ops.experts_rows(x, [got[e] for e in chunk], rows, scales, self.limit, y)
-                else:
-                    for e in chunk:
-                        w1, w2, w3 = got[e]
-                        rows, slot = torch.where(ids == e)
-                        out = ops.expert_mlp(x[rows], w1, w2, w3, self.limit, weights[rows, slot, None])
-                        y = y.index_add(0, rows, out.float())
-            lead = []
+                for e in chunk:
+                    w1, w2, w3 = got[e]
+                    rows, slot = torch.where(ids == e)
+                    out = ops.expert_mlp(x[rows], w1, w2, w3, self.limit, weights[rows, slot, None])
+                    y = y.index_add(0, rows, out.float())
             del got
-        if lead:  # no routed expert here (a rank's empty share)
-            y = ops.experts_sum(x, lead, self.limit, weights, [None] * len(lead), y)
         return y
 
 

@@ -13,8 +13,6 @@ It knows nothing of layers, checkpoints or sequences.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 
@@ -36,9 +34,14 @@ def weight_parts(w: Weight) -> tuple[int, torch.Tensor, torch.Tensor]:
 def linear(x: torch.Tensor, w: Weight) -> torch.Tensor:
     """y = x @ W^T for any weight format; returns x's dtype (quantized formats accumulate in fp32)."""
     if isinstance(w, Dense):
-        if _dense_pair(x.dtype, w.weight.dtype) and x.dim() == 2 and x.shape[0] <= _gemv_rows(w.weight.dtype):
+        if _dense_pair(x.dtype, w.weight.dtype) and x.dim() == 2 and x.shape[0] <= DECODE_ROWS:
             ext = kernels.fused(x, w.weight)
-            if ext is not None:  # decode: stream the matrix once (torch's GEMVs are far slower)
+            # decode: stream the matrix once (torch's GEMVs are far slower); a batch of decoding
+            # sequences too against a bf16 matrix where the CPU has no native bf16 GEMM (torch
+            # emulates it: the 129k-row head, 16 rows, Zen 3, 1 thread: F.linear 167 ms, the GEMV 52)
+            if ext is not None and (
+                x.shape[0] <= GEMV_ROWS or (w.weight.dtype == torch.bfloat16 and not ext.has_bf16_gemm())
+            ):
                 return ext.dense_linear(x, w.weight)
         return F.linear(x, w.weight if w.weight.dtype == x.dtype else w.weight.to(x.dtype))
     if isinstance(w, MXFP4):
@@ -46,19 +49,6 @@ def linear(x: torch.Tensor, w: Weight) -> torch.Tensor:
     if isinstance(w, FP8Block):
         return kernels.fp8_linear(x, w.weight, w.scale)
     raise TypeError(f"unknown weight format {type(w).__name__}")
-
-
-def _gemv_rows(w: torch.dtype) -> int:
-    """Up to how many rows of x a dense weight takes the kernels' GEMV rather than F.linear: a few,
-    or a batch of decoding sequences (DECODE_ROWS) against a bf16 matrix where the CPU has no native
-    bf16 GEMM (AVX2, AVX-512 without BF16: torch emulates it; the 129k-row vocabulary head, 16 rows,
-    Zen 3, 1 thread: F.linear 167 ms, the GEMV 52)."""
-    return DECODE_ROWS if w == torch.bfloat16 and not _native_bf16_gemm() else GEMV_ROWS
-
-
-@functools.cache
-def _native_bf16_gemm() -> bool:
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def _dense_pair(x: torch.dtype, w: torch.dtype) -> bool:

@@ -83,7 +83,8 @@ class Sampler:
         self.generator = torch.Generator().manual_seed(seed)
         self.vocab_size = vocab_size
         # The penalties' history, kept only when a penalty is set: two vocabulary-sized tensors and
-        # two indexing ops per token otherwise spent for nothing (~0.1 ms of a step on small models).
+        # two indexing ops per token otherwise spent for nothing (cProfile, 64 demo tokens on a busy
+        # Zen 3: 11 ms in accept, 18 ms in the greedy probs() that sample no longer calls).
         self.penalized = params.repetition_penalty != 1.0 or bool(params.frequency_penalty or params.presence_penalty)
         if self.penalized:
             self.seen = torch.zeros(vocab_size, dtype=torch.bool)  # prompt or output

@@ -150,13 +150,15 @@ def test_dense_gemv_takes_a_decode_batch_without_native_bf16(monkeypatch, native
     native bf16 GEMM, F.linear where it has one; the same values either way."""
     from dsv4.quant import Dense
 
-    monkeypatch.setattr(ops, "_native_bf16_gemm", lambda: native)
     calls, ext = [], kernels.fused()
 
-    class Counting:  # the extension, counting its GEMV calls
+    class Counting:  # the extension, counting its GEMV calls, with or without native bf16 GEMMs
         def dense_linear(self, *args):
             calls.append(1)
             return ext.dense_linear(*args)
+
+        def has_bf16_gemm(self):
+            return native
 
     monkeypatch.setattr(kernels, "fused", lambda *t: Counting())
     x, w = rand(ops.DECODE_ROWS, 200, dtype=torch.bfloat16), rand(300, 200, dtype=torch.bfloat16, seed=7)
